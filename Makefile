@@ -1,0 +1,45 @@
+# pisces_rl — common tasks. `make help` lists them.
+SHELL   := /bin/bash
+PYTHON  ?= python3
+VENV    := .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+
+RECIPE  ?= recipes/grpo_short_video.py
+CONFIG  ?= recipes/configs/grpo_tiny_cpu.yaml
+ACCEL   ?= recipes/accelerate/single.yaml
+ARGS    ?=
+PYTEST_ARGS ?=
+
+.PHONY: help install test test-slow test-gpu train-grpo bench clean
+
+help:  ## list targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+	@echo "  variables: CONFIG=$(CONFIG) ACCEL=$(ACCEL) ARGS='key=value ...'"
+
+install: $(STAMP)  ## create .venv/ with pip and install pisces_rl (editable) + dev extras
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+test: install  ## the fast CPU suite (includes the 2-process distributed tests)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -m "not slow and not gpu" -q $(PYTEST_ARGS)
+
+test-slow: install  ## slow tests only
+	$(PY) -m pytest -m "slow" -q $(PYTEST_ARGS)
+
+test-gpu: install  ## GPU tests (needs CUDA)
+	$(PY) -m pytest -m "gpu" -q $(PYTEST_ARGS)
+
+train-grpo: install  ## GRPO post-training (default: embedded tiny CPU run); CONFIG=, ACCEL=, ARGS=
+	$(VENV)/bin/accelerate launch --config_file $(ACCEL) $(RECIPE) --config $(CONFIG) $(ARGS)
+
+bench: install  ## run the benchmarks in benchmarks/
+	for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean:  ## remove build leftovers (keeps .venv and runs/)
+	rm -rf build dist src/*.egg-info .pytest_cache
