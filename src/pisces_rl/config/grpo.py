@@ -1,0 +1,299 @@
+"""The GRPO run config (schema in docs/architecture.md) and its batch arithmetic.
+
+Sections (``ModelConfig``, ``SamplingConfig``, ``RewardsConfig``, ``DataConfig``, ``LoggingConfig``,
+``CheckpointConfig``) are meant to be reused by other paradigms' top-level configs.
+
+``rewards:`` in YAML accepts two forms. If *every* key is a :class:`RewardsConfig` field name it is the
+full form (``{weights: {ot_quality: 1.0}, encoder: tiny, use_ot: true}``); if *no* key is, the mapping is
+the reward weights themselves (``{ot_quality: 1.0, "my_pkg.rewards:sharpness": 0.5}``). A mix is an
+error. A reward whose name equals a field name (``eta``, ``mass``...) therefore needs the full form.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+from .base import ConfigBase, ConfigError, option, require, section
+
+__all__ = ["ModelConfig", "SamplingConfig", "RewardsConfig", "TrainConfig", "DataConfig", "LoggingConfig",
+           "CheckpointConfig", "GRPOConfig", "batch_arithmetic", "MODEL_SOURCES", "ENCODER_SOURCES"]
+
+MODEL_SOURCES = ("tiny", "shapes")  # model.pretrained names resolved in code, not on disk
+ENCODER_SOURCES = ("tiny",)  # rewards.encoder names resolved in code
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _check_source(key: str, value: Optional[str], names: tuple = (), what: str = "directory") -> None:
+    """``value`` must be a built-in name, an existing path, or look like a hub id ``org/name``."""
+    if value is None or value in names or os.path.exists(os.path.expanduser(value)) or _HUB_ID.match(value):
+        return
+    builtin = f"one of {', '.join(repr(n) for n in names)}, " if names else ""
+    raise ConfigError(f"{value!r} is not {builtin}an existing {what}, or a hub id like 'org/name' "
+                      f"(working directory: {os.getcwd()}); fix the path", key)
+
+
+def _positive(obj: object, *names: str, zero_ok: bool = False) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        ok = value >= 0 if zero_ok else value > 0
+        require(ok and math.isfinite(value), name, f"must be {'>= 0' if zero_ok else '> 0'}, got {value}")
+
+
+@dataclass
+class ModelConfig(ConfigBase):
+    """The policy: a diffusers text-to-video pipeline whose denoiser gets LoRA adapters."""
+
+    pretrained: str = option("tiny", "diffusers pipeline directory or hub id; 'tiny' = a random tiny Wan built in "
+                                     "code, 'shapes' = the ShapesWorld base model")
+    family: str = option("wan", "pipeline adapter (module pisces_rl.models.<family>)")
+    dtype: str = option("fp32", "dtype of the frozen base weights (LoRA parameters stay fp32)",
+                        choices=("fp32", "bf16", "fp16"))
+    lora_rank: int = option(8, "LoRA rank r")
+    lora_alpha: int = option(8, "LoRA scaling alpha (update scaled by alpha / r)")
+    lora_target_modules: list[str] = option(["to_q", "to_k", "to_v", "to_out.0"],
+                                            "names of the denoiser's linear layers that get LoRA adapters")
+    lora_path: Optional[str] = option(None, "saved LoRA weights to start from (null = fresh adapters)")
+    gradient_checkpointing: bool = option(False, "recompute denoiser activations in backward to save memory")
+    seed: int = option(0, "seed of the tiny in-code model's random weights")
+
+    def _check(self) -> None:
+        require(self.pretrained.strip() != "", "pretrained", "is empty; use 'tiny' or a pipeline directory")
+        _check_source("pretrained", self.pretrained, MODEL_SOURCES, "pipeline directory")
+        _check_source("lora_path", self.lora_path, (), "LoRA directory or file")
+        require(self.family.strip() != "", "family", "is empty; use 'wan'")
+        _positive(self, "lora_rank", "lora_alpha")
+        require(bool(self.lora_target_modules) and all(m.strip() for m in self.lora_target_modules),
+                "lora_target_modules", "must list at least one non-empty module name, e.g. [to_q,to_k,to_v]")
+        require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+
+
+@dataclass
+class SamplingConfig(ConfigBase):
+    """How rollouts are sampled (flow-matching SDE sampler)."""
+
+    num_frames: int = option(5, "frames per video (Wan: 4k+1)")
+    height: int = option(32, "video height in pixels (Wan: multiple of 16)")
+    width: int = option(32, "video width in pixels (Wan: multiple of 16)")
+    num_inference_steps: int = option(6, "denoising steps per rollout")
+    guidance_scale: float = option(4.0, "classifier-free guidance scale (<= 1 disables the unconditional pass)")
+    eta: float = option(0.25, "SDE noise level of the sampler (> 0; larger = more exploration)")
+    train_timestep_fraction: float = option(1.0, "fraction of the denoising steps trained on (a random subset "
+                                                 "per rollout), in (0, 1]")
+    decode_chunk_size: int = option(0, "videos per VAE decode call (0 = all at once)")
+    negative_prompt: str = option("", "negative prompt for classifier-free guidance")
+    max_sequence_length: int = option(32, "text tokens given to the text encoder")
+
+    def _check(self) -> None:
+        _positive(self, "num_frames", "height", "width", "num_inference_steps", "eta", "max_sequence_length")
+        _positive(self, "guidance_scale", "decode_chunk_size", zero_ok=True)
+        f = self.train_timestep_fraction
+        require(0 < f <= 1, "train_timestep_fraction", f"must be in (0, 1], got {f}")
+        require(int(self.num_inference_steps * f) >= 1, "train_timestep_fraction",
+                f"{f} x num_inference_steps={self.num_inference_steps} selects no step; raise it")
+
+
+@dataclass
+class RewardsConfig(ConfigBase):
+    """Reward functions, their weights and the options of the built-in PISCES rewards."""
+
+    _shorthand_field = "weights"  # YAML ``rewards: {name: weight}`` means ``rewards: {weights: {...}}``
+
+    weights: dict[str, float] = option({"ot_quality": 1.0, "ot_semantic": 1.0},
+                                       "reward name or 'pkg.module:function' -> weight in the total reward")
+    encoder: str = option("tiny", "BLIP-ITM video-text encoder directory or hub id; 'tiny' = random in-code encoder")
+    ot_map: Optional[str] = option(None, "NeuralOTMap directory for ot_quality (null = raw text [CLS], no map)")
+    use_ot: bool = option(True, "false = raw [CLS] cosine and vanilla attention (the 'w/o OT' ablation)")
+    gamma: float = option(0.2, "weight of the temporal term of the token-level OT cost")
+    eta: float = option(0.2, "weight of the spatial term of the token-level OT cost")
+    epsilon: float = option(0.05, "entropic regularisation of the token-level OT")
+    mass: float = option(0.9, "transported mass fraction of the unbalanced OT (>= 0.999 = balanced)")
+    num_frames: Optional[int] = option(None, "frames given to the reward, uniformly subsampled (null = all)")
+    temporal_windows: int = option(1, "> 1: score that many windows of num_frames frames and average")
+    max_batch_size: int = option(8, "videos per reward call")
+    on_error: str = option("raise", "a failing reward stops the run (raise) or scores NaN and is counted (skip)",
+                           choices=("raise", "skip"))
+
+    def _check(self) -> None:
+        require(bool(self.weights), "weights", "no reward configured; add one, e.g. rewards.weights.ot_quality=1.0")
+        for name, weight in self.weights.items():
+            require(name.strip() != "", "weights", "has an empty reward name")
+            require(math.isfinite(weight), f"weights.{name}", f"must be a finite number, got {weight}")
+        _check_source("encoder", self.encoder, ENCODER_SOURCES, "encoder directory")
+        _check_source("ot_map", self.ot_map, (), "OT map directory")
+        _positive(self, "gamma", "eta", zero_ok=True)
+        _positive(self, "epsilon", "temporal_windows", "max_batch_size")
+        require(0 < self.mass <= 1, "mass", f"must be in (0, 1], got {self.mass}")
+        require(self.num_frames is None or self.num_frames >= 1, "num_frames", f"must be >= 1 or null, got "
+                f"{self.num_frames}")
+        require(self.temporal_windows == 1 or self.num_frames is not None, "temporal_windows",
+                "> 1 needs rewards.num_frames (the window length)")
+
+
+@dataclass
+class TrainConfig(ConfigBase):
+    """GRPO optimisation: iterations, batch sizes, optimiser and loss."""
+
+    max_steps: int = option(2, "GRPO iterations (sample -> score -> inner epochs of updates)")
+    prompts_per_step: int = option(2, "distinct prompts per iteration, all processes together")
+    group_size: int = option(4, "videos sampled per prompt (G); advantages are normalised within a group")
+    sample_batch_size: int = option(4, "videos per rollout forward, per process")
+    train_batch_size: int = option(2, "videos per update micro-batch, per process")
+    gradient_accumulation_steps: int = option(1, "micro-batches per optimiser step")
+    num_inner_epochs: int = option(1, "passes over each iteration's rollouts")
+    learning_rate: float = option(1e-4, "AdamW learning rate")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    adam_betas: tuple[float, float] = option((0.9, 0.999), "AdamW betas")
+    lr_scheduler: str = option("constant", "learning-rate schedule over the optimiser steps",
+                               choices=("constant", "cosine", "linear"))
+    warmup_steps: int = option(0, "linear warm-up optimiser steps")
+    clip_range: float = option(1e-4, "PPO ratio clip range")
+    adv_clip_max: float = option(5.0, "advantages clipped to [-adv_clip_max, adv_clip_max]")
+    advantage_mode: str = option("sum", "sum = weighted reward sum, then group-normalise; per_reward = normalise "
+                                        "each reward and sum their clipped surrogates",
+                                 choices=("sum", "per_reward"))
+    kl_beta: float = option(0.0, "weight of the KL penalty to the LoRA-disabled model (0 = off)")
+    cd_weight: float = option(0.0, "weight of the consistency-distillation term (0 = off)")
+    max_grad_norm: float = option(1.0, "gradient-norm clipping threshold")
+    mixed_precision: str = option("no", "autocast dtype of forward passes", choices=("no", "bf16", "fp16"))
+    seed: int = option(42, "seed of prompt order, sampling noise and timestep subsets")
+
+    def _check(self) -> None:
+        _positive(self, "max_steps", "prompts_per_step", "sample_batch_size", "train_batch_size",
+                  "gradient_accumulation_steps", "num_inner_epochs", "learning_rate", "clip_range",
+                  "adv_clip_max", "max_grad_norm")
+        _positive(self, "weight_decay", "warmup_steps", "kl_beta", "cd_weight", "seed", zero_ok=True)
+        require(self.group_size >= 2, "group_size", f"must be >= 2 to normalise advantages within a group, "
+                f"got {self.group_size}")
+        for i, beta in enumerate(self.adam_betas):
+            require(0 <= beta < 1, f"adam_betas[{i}]", f"must be in [0, 1), got {beta}")
+
+
+@dataclass
+class DataConfig(ConfigBase):
+    """Training prompts and the fixed prompts of sample videos."""
+
+    prompts: str = option("builtin:tiny", "prompt source: .txt/.jsonl/.json/.csv/.parquet file, 'vbench', "
+                                          "'vbench:<dimension>' or 'builtin:<name>'")
+    prompt_column: str = option("prompt", "column holding the prompt in table files")
+    eval_prompts: list[str] = option([], "fixed prompts for sample videos ([] = first prompts of the dataset)")
+    num_eval_prompts: int = option(2, "how many dataset prompts to use when eval_prompts is empty")
+
+    def _check(self) -> None:
+        require(self.prompts.strip() != "", "prompts", "is empty; use e.g. 'builtin:tiny' or a .txt file")
+        require(self.prompt_column.strip() != "", "prompt_column", "is empty")
+        require(all(p.strip() for p in self.eval_prompts), "eval_prompts", "contains an empty prompt")
+        _positive(self, "num_eval_prompts")
+
+
+@dataclass
+class LoggingConfig(ConfigBase):
+    """Metrics and sample videos."""
+
+    report_to: str = option("tensorboard", "experiment tracker", choices=("tensorboard", "wandb", "none"))
+    log_every: int = option(1, "iterations between metric logs")
+    sample_every: int = option(0, "iterations between sample videos (0 = only at the end)")
+    video_format: str = option("gif", "file format of sample videos", choices=("gif", "mp4"))
+    project_name: str = option("pisces_rl", "tracker project name")
+
+    def _check(self) -> None:
+        _positive(self, "log_every")
+        _positive(self, "sample_every", zero_ok=True)
+        require(self.project_name.strip() != "", "project_name", "is empty")
+
+
+@dataclass
+class CheckpointConfig(ConfigBase):
+    """Checkpoint saving and resuming."""
+
+    save_every: int = option(0, "iterations between checkpoints (0 = only at the end)")
+    keep_last: int = option(2, "checkpoints kept on disk (older ones are deleted)")
+    resume_from: Optional[str] = option(None, "null, 'latest' (newest in output_dir) or a checkpoint directory")
+
+    def _check(self) -> None:
+        _positive(self, "save_every", zero_ok=True)
+        _positive(self, "keep_last")
+        if self.resume_from not in (None, "latest"):
+            require(os.path.isdir(self.resume_from), "resume_from",
+                    f"{self.resume_from!r} is not a directory; use null, 'latest' or a checkpoint directory")
+
+
+@dataclass
+class GRPOConfig(ConfigBase):
+    """A GRPO post-training run."""
+
+    model: ModelConfig = section(ModelConfig, "the policy model and its LoRA adapters")
+    sampling: SamplingConfig = section(SamplingConfig, "rollout sampling")
+    rewards: RewardsConfig = section(RewardsConfig, "rewards and weights (YAML may give {name: weight} directly)")
+    train: TrainConfig = section(TrainConfig, "optimisation")
+    data: DataConfig = section(DataConfig, "prompts")
+    logging: LoggingConfig = section(LoggingConfig, "metrics and sample videos")
+    checkpoint: CheckpointConfig = section(CheckpointConfig, "checkpoints")
+    output_dir: str = option("runs/grpo", "run directory: resolved config, logs, samples, checkpoints, LoRA")
+
+    def _check(self) -> None:
+        require(self.output_dir.strip() != "", "output_dir", "is empty; use e.g. runs/grpo")
+        s = self.sampling
+        if self.model.family == "wan":
+            require(s.num_frames % 4 == 1, "sampling.num_frames", f"the wan family needs 4k+1 frames, got "
+                    f"{s.num_frames}; use {max(1, (s.num_frames - 1) // 4 * 4 + 1)} or {(s.num_frames - 1) // 4 * 4 + 5}")
+            for name in ("height", "width"):
+                value = getattr(s, name)
+                require(value % 16 == 0, f"sampling.{name}",
+                        f"the wan family needs a multiple of 16, got {value}; use {max(16, round(value / 16) * 16)}")
+        r = self.rewards
+        if r.num_frames is not None:
+            require(r.num_frames <= s.num_frames, "rewards.num_frames",
+                    f"{r.num_frames} exceeds the {s.num_frames} sampled frames (sampling.num_frames)")
+        batch_arithmetic(self, 1)
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+
+def batch_arithmetic(cfg: GRPOConfig, num_processes: int = 1) -> dict[str, int]:
+    """Derived per-iteration counts for ``num_processes`` processes; ConfigError if they do not divide.
+
+    Each process gets whole prompt groups (``prompts_per_step`` divisible by the process count), samples
+    its videos in rollout forwards of ``sample_batch_size`` and trains on them in micro-batches of
+    ``train_batch_size``, ``gradient_accumulation_steps`` micro-batches per optimiser step.
+    """
+    t, s = cfg.train, cfg.sampling
+    if not isinstance(num_processes, int) or num_processes < 1:
+        raise ConfigError(f"num_processes must be a positive integer, got {num_processes!r}")
+    P, G = t.prompts_per_step, t.group_size
+    if P % num_processes:
+        raise ConfigError(f"{P} prompts per iteration cannot be split into whole groups over {num_processes} "
+                          f"processes; set train.prompts_per_step to a multiple of {num_processes}",
+                          "train.prompts_per_step")
+    per_process = P // num_processes * G
+    if per_process % t.sample_batch_size:
+        raise ConfigError(f"each process samples {per_process} videos per iteration (prompts_per_step / "
+                          f"{num_processes} processes x group_size), not divisible by {t.sample_batch_size}; use a "
+                          f"divisor of {per_process}: {_divisors(per_process)}", "train.sample_batch_size")
+    step = t.train_batch_size * t.gradient_accumulation_steps
+    if per_process % step:
+        raise ConfigError(f"each process trains on {per_process} videos per inner epoch, not divisible by "
+                          f"train_batch_size x gradient_accumulation_steps = {step}; choose them so that their "
+                          f"product divides {per_process} (divisors: {_divisors(per_process)})",
+                          "train.train_batch_size")
+    micro = per_process // t.train_batch_size
+    opt_per_epoch = micro // t.gradient_accumulation_steps
+    return {
+        "num_processes": num_processes,
+        "prompts_per_iteration": P,
+        "prompts_per_process": P // num_processes,
+        "group_size": G,
+        "videos_per_iteration": P * G,
+        "videos_per_process": per_process,
+        "rollout_forwards_per_process": per_process // t.sample_batch_size,
+        "micro_batches_per_epoch": micro,
+        "optimizer_steps_per_epoch": opt_per_epoch,
+        "optimizer_steps_per_iteration": opt_per_epoch * t.num_inner_epochs,
+        "total_optimizer_steps": opt_per_epoch * t.num_inner_epochs * t.max_steps,
+        "videos_per_optimizer_step": step * num_processes,
+        "train_timesteps_per_video": int(s.num_inference_steps * s.train_timestep_fraction),
+    }
