@@ -1,0 +1,281 @@
+"""The policy: a diffusers text-to-video pipeline whose denoiser carries a trainable peft LoRA.
+
+Family-specific code (prompt encoding, latent shape, the denoiser call, VAE decode) lives behind the
+small :class:`ModelFamily` protocol, one file per family (``models/wan.py``); everything else here is
+family-agnostic. Shapes: latents ``[B, C, F, h, w]``, videos ``[B, F, C, H, W]`` in [0, 1], text
+embeddings ``[B, L, D]``.
+"""
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple, Union
+
+import torch
+
+from . import lora as _lora
+
+__all__ = ["ModelFamily", "register_family", "get_family", "flow_match_schedule", "VideoPolicy", "build_policy",
+           "resolve_dtype"]
+
+logger = logging.getLogger(__name__)
+
+
+class ModelFamily(Protocol):
+    """What the policy needs from a pipeline family. Implementations are stateless."""
+
+    name: str
+
+    def build_tiny_pipeline(self, seed: int) -> Any:
+        """A tiny random pipeline built in code (for tests and the embedded default)."""
+
+    def load_pipeline(self, pretrained: str, torch_dtype: torch.dtype) -> Any:
+        """``<Pipeline>.from_pretrained`` with a clear error for a missing path."""
+
+    def validate(self, pipe: Any) -> None:
+        """Raise ``ValueError`` if ``pipe`` is a configuration the adapter does not support."""
+
+    def denoiser(self, pipe: Any) -> torch.nn.Module:
+        """The module that receives the LoRA adapter (e.g. ``pipe.transformer``)."""
+
+    def latent_shape(self, pipe: Any, batch_size: int, num_frames: int, height: int, width: int) -> Tuple[int, ...]:
+        """``(B, C, F, h, w)`` for a video of ``num_frames`` x ``height`` x ``width``; validates the size."""
+
+    def flow_schedule(self, pipe: Any, num_steps: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(timesteps [T], sigmas [T+1])`` of the flow-matching schedule, float32."""
+
+    def encode_prompts(self, pipe: Any, prompts: List[str], negative_prompt: str, do_cfg: bool,
+                       max_sequence_length: int, device: torch.device, dtype: torch.dtype
+                       ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``(prompt_embeds [B, L, D], negative_prompt_embeds [B, L, D] or None)``."""
+
+    def forward(self, pipe: Any, denoiser: Callable, latents: torch.Tensor, timestep: torch.Tensor,
+                prompt_embeds: torch.Tensor) -> torch.Tensor:
+        """One denoiser call: ``latents [B, C, F, h, w]`` (denoiser dtype), ``timestep [B]`` -> velocity
+        ``dx/dsigma = eps - x0`` ``[B, C, F, h, w]``."""
+
+    def decode(self, pipe: Any, latents: torch.Tensor) -> torch.Tensor:
+        """``[B, C, F, h, w]`` latents -> ``[B, F, C, H, W]`` videos in [0, 1] (differentiable)."""
+
+
+_FAMILIES: Dict[str, Callable[[], ModelFamily]] = {}
+
+
+def register_family(name: str):
+    """Class decorator: make a :class:`ModelFamily` available as ``model.family = name``."""
+    def wrap(cls):
+        _FAMILIES[name] = cls
+        return cls
+    return wrap
+
+
+def get_family(name: str) -> ModelFamily:
+    """The registered family ``name`` (an instance)."""
+    if name not in _FAMILIES:
+        raise ValueError(f"unknown model.family {name!r}; available: {sorted(_FAMILIES)} "
+                         "(a new family is one file models/<family>.py registering a ModelFamily)")
+    return _FAMILIES[name]()
+
+
+def flow_match_schedule(scheduler: Any, num_steps: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Flow-matching ``(timesteps [T], sigmas [T+1])`` from a pipeline's scheduler, respecting its shift.
+
+    A ``FlowMatchEulerDiscreteScheduler`` is used as configured. A multistep scheduler configured for
+    flow sigmas (e.g. Wan checkpoints' ``UniPCMultistepScheduler(use_flow_sigmas=True, flow_shift=s)``) is
+    replaced by ``FlowMatchEulerDiscreteScheduler(shift=s)``: the SDE sampler is an Euler-type method.
+    The pipeline's own scheduler object is not modified.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"sampling.num_inference_steps must be a positive integer, got {num_steps!r}")
+    cfg = scheduler.config
+    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        sched = FlowMatchEulerDiscreteScheduler.from_config(cfg)
+    elif cfg.get("use_flow_sigmas", False) or cfg.get("prediction_type") == "flow_prediction":
+        sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=cfg.get("num_train_timesteps", 1000),
+                                                shift=cfg.get("flow_shift", 1.0) or 1.0)
+    else:
+        raise ValueError(f"{type(scheduler).__name__} is not a flow-matching scheduler; the SDE sampler needs "
+                         "FlowMatchEulerDiscreteScheduler (or a scheduler with use_flow_sigmas=True)")
+    if sched.config.get("use_dynamic_shifting", False) or sched.config.get("invert_sigmas", False):
+        raise ValueError("schedulers with use_dynamic_shifting or invert_sigmas are not supported; "
+                         "set a fixed `shift` in the scheduler config")
+    sched.set_timesteps(num_steps, device=device)
+    return sched.timesteps.to(device, torch.float32), sched.sigmas.to(device, torch.float32)
+
+
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+           "fp16": torch.float16, "float16": torch.float16}
+
+
+def resolve_dtype(name: Union[str, torch.dtype]) -> torch.dtype:
+    """``"fp32" | "bf16" | "fp16"`` (or a ``torch.dtype``) -> ``torch.dtype``."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in _DTYPES:
+        raise ValueError(f"model.dtype must be one of fp32, bf16, fp16; got {name!r}")
+    return _DTYPES[name]
+
+
+def _cast_floating(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast floating parameters/buffers to ``dtype`` in place, keeping the module's
+    ``_keep_in_fp32_modules`` (e.g. Wan's time embedder and norms) in float32."""
+    keep = set(getattr(module, "_keep_in_fp32_modules", None) or ())
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        target = torch.float32 if keep.intersection(name.split(".")) else dtype
+        if tensor.is_floating_point() and tensor.dtype != target:
+            tensor.data = tensor.data.to(target)
+
+
+class VideoPolicy:
+    """A diffusers T2V pipeline with a LoRA-wrapped denoiser; base weights frozen, LoRA in float32.
+
+    Attributes:
+        pipeline: the diffusers pipeline (its ``transformer`` carries the ``"default"`` LoRA adapter).
+        family: the :class:`ModelFamily` adapter.
+        transformer: the LoRA-wrapped denoiser (unwrapped module: LoRA save/load/disable go here).
+        denoiser: the callable used for forward passes; defaults to ``transformer``. A trainer may set it
+            to the distributed wrapper of ``transformer`` (e.g. the module returned by ``accelerator.prepare``).
+        dtype: dtype of the base transformer and text encoder (the VAE is kept in float32).
+    """
+
+    def __init__(self, pipeline: Any, family: ModelFamily, *, lora_rank: int = 8, lora_alpha: float = 8,
+                 lora_target_modules: Sequence[str] = ("to_q", "to_k", "to_v", "to_out.0"),
+                 dtype: torch.dtype = torch.float32, device: Optional[Union[str, torch.device]] = None,
+                 gradient_checkpointing: bool = False, lora_path: Optional[str] = None, seed: int = 0):
+        family.validate(pipeline)
+        self.pipeline = pipeline
+        self.family = family
+        self.dtype = dtype
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        for name in ("text_encoder", "vae", "transformer"):
+            module = getattr(pipeline, name, None)
+            if module is not None:
+                module.requires_grad_(False)
+        if getattr(pipeline, "text_encoder", None) is not None:
+            _cast_floating(pipeline.text_encoder, dtype)
+        _cast_floating(pipeline.vae, torch.float32)
+        self.transformer = family.denoiser(pipeline)
+        _cast_floating(self.transformer, dtype)
+        # LoRA is added before the move so its seeded init is the same whatever the device
+        _lora.add_lora(self.transformer, lora_rank, lora_alpha, lora_target_modules, seed=seed)
+        pipeline.to(self.device)
+        if gradient_checkpointing:
+            self.transformer.enable_gradient_checkpointing()
+        if lora_path:
+            self.load_lora(lora_path)
+        self.denoiser: Callable = self.transformer
+
+    def set_training_module(self, module: Callable) -> None:
+        """Route forward passes through ``module``, a distributed wrapper of :attr:`transformer` (e.g. the
+        model returned by ``accelerator.prepare(policy.transformer)``) so gradient sync hooks run."""
+        self.denoiser = module
+
+    # ----------------------------------------------------------------- LoRA
+    def trainable_parameters(self) -> List[torch.nn.Parameter]:
+        """The LoRA parameters (float32, ``requires_grad=True``); every base weight is frozen."""
+        return [p for p in self.transformer.parameters() if p.requires_grad]
+
+    @contextmanager
+    def lora_disabled(self) -> Iterator["VideoPolicy"]:
+        """Inside the block the policy is the base model (the KL reference); LoRA is restored on exit."""
+        with _lora.lora_disabled(self.transformer):
+            yield self
+
+    def lora_state_dict(self, state_dict: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
+        """peft-format LoRA weights, float32 on CPU (see :func:`pisces_rl.models.lora.lora_state_dict`)."""
+        return _lora.lora_state_dict(self.transformer, state_dict)
+
+    def save_lora(self, save_directory: str, state_dict: Optional[Dict[str, torch.Tensor]] = None,
+                  is_main_process: bool = True) -> None:
+        """Save the LoRA weights in diffusers format: a plain ``Pipeline.load_lora_weights(dir)`` loads them.
+
+        Args:
+            state_dict: optional gathered full denoiser state dict (ZeRO-3); LoRA entries are extracted.
+        """
+        _lora.save_lora(type(self.pipeline), self.transformer, save_directory, state_dict, is_main_process)
+
+    def load_lora(self, directory: str) -> None:
+        """Load LoRA weights written by :meth:`save_lora` into this policy (resume)."""
+        _lora.load_lora(type(self.pipeline), self.transformer, directory)
+
+    # ------------------------------------------------------------ model calls
+    def latent_shape(self, batch_size: int, num_frames: int, height: int, width: int) -> Tuple[int, ...]:
+        """``(B, C, F, h, w)``; raises ``ValueError`` for a frame count or size the family cannot produce."""
+        return self.family.latent_shape(self.pipeline, batch_size, num_frames, height, width)
+
+    def flow_schedule(self, num_steps: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(timesteps [T], sigmas [T+1])`` float32 on the policy device."""
+        return self.family.flow_schedule(self.pipeline, num_steps, self.device)
+
+    def encode_prompts(self, prompts: List[str], negative_prompt: str = "", do_cfg: bool = False,
+                       max_sequence_length: int = 512) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``(prompt_embeds [B, L, D], negative_prompt_embeds [B, L, D] or None)`` in the policy dtype."""
+        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts) or not prompts:
+            raise ValueError("prompts must be a non-empty list of strings")
+        return self.family.encode_prompts(self.pipeline, list(prompts), negative_prompt, do_cfg,
+                                          max_sequence_length, self.device, self.dtype)
+
+    def predict_velocity(self, latents: torch.Tensor, timestep: Union[float, torch.Tensor],
+                         prompt_embeds: torch.Tensor, negative_prompt_embeds: Optional[torch.Tensor] = None,
+                         guidance_scale: float = 1.0) -> torch.Tensor:
+        """Guided velocity ``v = v_u + g * (v_c - v_u)`` (plain ``v_c`` without CFG), float32.
+
+        Args:
+            latents: ``[B, C, F, h, w]`` (any dtype; cast to the policy dtype for the denoiser).
+            timestep: denoiser timestep, scalar or ``[B]`` (one per video).
+            prompt_embeds / negative_prompt_embeds: ``[B, L, D]``; CFG runs when the negative embeddings
+                are given and ``guidance_scale > 1``, as one denoiser call on the ``[2B]`` batch.
+        Returns:
+            ``[B, C, F, h, w]`` float32; differentiable w.r.t. the LoRA parameters under autograd.
+        """
+        b = latents.shape[0]
+        t = torch.as_tensor(timestep, device=latents.device, dtype=torch.float32)
+        t = t.expand(b) if t.ndim == 0 else t
+        x = latents.to(self.dtype)
+        if negative_prompt_embeds is not None and guidance_scale > 1.0:
+            out = self.family.forward(self.pipeline, self.denoiser, torch.cat([x, x]), torch.cat([t, t]),
+                                      torch.cat([negative_prompt_embeds, prompt_embeds]))
+            uncond, cond = out.float().chunk(2)
+            return uncond + guidance_scale * (cond - uncond)
+        return self.family.forward(self.pipeline, self.denoiser, x, t, prompt_embeds).float()
+
+    def decode(self, latents: torch.Tensor, chunk_size: int = 0) -> torch.Tensor:
+        """``[B, C, F, h, w]`` latents -> ``[B, F, C, H, W]`` float32 videos in [0, 1].
+
+        ``chunk_size`` videos go through the VAE at a time (0 = all at once). Differentiable; wrap the
+        call in ``torch.no_grad()`` when no gradient is needed.
+        """
+        if chunk_size < 0:
+            raise ValueError(f"decode chunk size must be >= 0, got {chunk_size}")
+        step = chunk_size or latents.shape[0]
+        return torch.cat([self.family.decode(self.pipeline, c).float() for c in latents.split(step)], dim=0)
+
+
+def build_policy(model_cfg: Any, device: Optional[Union[str, torch.device]] = None) -> VideoPolicy:
+    """Build the policy described by a ``ModelConfig``-like object (duck-typed attributes).
+
+    ``model_cfg.pretrained == "tiny"`` builds the family's tiny random pipeline (seed ``model_cfg.seed``);
+    anything else is a local directory or hub id loaded with ``from_pretrained`` (no download happens in
+    offline environments: a missing path is an error). ``device`` defaults to CUDA when available. On CPU,
+    half-precision ``model_cfg.dtype`` falls back to float32 (with a warning).
+    """
+    get = lambda name, default: getattr(model_cfg, name, default)  # noqa: E731
+    family = get_family(get("family", "wan"))
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = resolve_dtype(get("dtype", "fp32"))
+    if dev.type == "cpu" and dtype != torch.float32:
+        logger.warning("model.dtype=%s requested on CPU: keeping the base model in float32", get("dtype", "fp32"))
+        dtype = torch.float32
+    pretrained = get("pretrained", "tiny")
+    if pretrained == "tiny":
+        pipe = family.build_tiny_pipeline(seed=int(get("seed", 0)))
+    else:
+        pipe = family.load_pipeline(pretrained, torch_dtype=dtype)
+    return VideoPolicy(
+        pipe, family, lora_rank=get("lora_rank", 8), lora_alpha=get("lora_alpha", 8),
+        lora_target_modules=get("lora_target_modules", ("to_q", "to_k", "to_v", "to_out.0")), dtype=dtype,
+        device=dev, gradient_checkpointing=bool(get("gradient_checkpointing", False)), lora_path=get("lora_path", None),
+        seed=int(get("seed", 0)),
+    )

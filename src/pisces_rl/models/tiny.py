@@ -1,0 +1,131 @@
+"""A tiny random Wan text-to-video pipeline built entirely in code (no downloads).
+
+Same classes as a real Wan 2.1 checkpoint, just small: ``WanTransformer3DModel`` (2 blocks, width 24),
+``AutoencoderKLWan`` (base width 3, 16 latent channels, 4x temporal / 8x spatial compression), a
+2-layer ``UMT5EncoderModel`` (width 32) with a word-piece tokenizer built with the ``tokenizers``
+library, and ``FlowMatchEulerDiscreteScheduler``. Every component is seeded separately (the
+diffusers ``get_dummy_components`` pattern) inside a forked RNG, so the global torch RNG is left
+untouched and the same seed always gives the same weights. The pipeline survives
+``save_pretrained`` / ``WanPipeline.from_pretrained``.
+
+Example::
+
+    >>> pipe = build_tiny_wan_pipeline(seed=0)
+    >>> out = pipe("two red squares moving left", num_frames=5, height=32, width=32,
+    ...            num_inference_steps=2, output_type="pt").frames
+    >>> out.shape                                   # [B, F, C, H, W] in [0, 1]
+    torch.Size([1, 5, 3, 32, 32])
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import torch
+
+__all__ = ["build_tiny_wan_pipeline", "build_tiny_tokenizer", "TINY_VOCAB_WORDS"]
+
+# Whole-word entries; anything else is spelled with single characters (word-piece fallback).
+TINY_VOCAB_WORDS = (
+    "a an the one two three four five six some many no and or of in on at to with from by is are "
+    "red green blue yellow orange purple pink white black gray grey brown cyan magenta "
+    "circle circles square squares triangle triangles star stars shape shapes object objects ball balls "
+    "box boxes small big large tiny "
+    "moving moves move left right up down still static stationary rotating bouncing "
+    "above below next beside behind front top bottom center middle corner background "
+    "video scene frame camera slowly quickly fast slow bright dark"
+).split()
+_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789"
+_PUNCT = ".,!?;:'\"-()/&+*%#@"
+_SPECIALS = ("<pad>", "</s>", "<unk>")  # T5 ids: pad = 0, eos = 1, unk = 2
+
+
+def build_tiny_tokenizer():
+    """A T5-style fast tokenizer (pad=0, ``</s>``=1 appended, unk=2) built in code.
+
+    Lower-cased, split on whitespace and punctuation, word-piece over :data:`TINY_VOCAB_WORDS`
+    with single-character fallback, so any ASCII prompt is encoded without ``<unk>``.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab: Dict[str, int] = {}
+    for token in (*_SPECIALS, *TINY_VOCAB_WORDS, *_CHARS, *_PUNCT, *("##" + c for c in _CHARS)):
+        vocab.setdefault(token, len(vocab))
+    tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="<unk>", max_input_chars_per_word=64))
+    tok.normalizer = normalizers.Sequence([normalizers.NFKD(), normalizers.StripAccents(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", vocab["</s>"])]
+    )
+    tok.decoder = decoders.WordPiece()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=512
+    )
+
+
+def _seeded(seed: int, build):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+def build_tiny_wan_pipeline(
+    seed: int = 0,
+    *,
+    transformer_kwargs: Optional[Dict[str, Any]] = None,
+    vae_kwargs: Optional[Dict[str, Any]] = None,
+    text_encoder_kwargs: Optional[Dict[str, Any]] = None,
+    shift: float = 3.0,
+):
+    """Build a tiny random ``WanPipeline`` on CPU in float32.
+
+    Args:
+        seed: seeds every component (each built right after ``torch.manual_seed(seed)``).
+        transformer_kwargs / vae_kwargs / text_encoder_kwargs: overrides of the tiny configs of
+            ``WanTransformer3DModel``, ``AutoencoderKLWan`` and ``UMT5Config`` (e.g. a wider model to
+            pretrain on ShapesWorld). The text encoder's ``d_model`` must equal the transformer's
+            ``text_dim``.
+        shift: the flow-matching scheduler's timestep shift.
+
+    Returns:
+        ``diffusers.WanPipeline`` with its progress bar disabled. Latents for ``num_frames=4k+1`` at
+        ``H x W`` are ``[B, 16, k+1, H/8, W/8]``; H and W must be multiples of 16.
+    """
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    tokenizer = build_tiny_tokenizer()
+    te_cfg = dict(
+        vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, relative_attention_max_distance=16, dropout_rate=0.0,
+        is_encoder_decoder=False, feed_forward_proj="gated-gelu",
+    )
+    te_cfg.update(text_encoder_kwargs or {})
+    tr_cfg = dict(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+        text_dim=te_cfg["d_model"], freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+    )
+    tr_cfg.update(transformer_kwargs or {})
+    vae_cfg = dict(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True])
+    vae_cfg.update(vae_kwargs or {})
+    if tr_cfg["text_dim"] != te_cfg["d_model"]:
+        raise ValueError(
+            f"transformer text_dim={tr_cfg['text_dim']} must equal the text encoder d_model={te_cfg['d_model']}; "
+            "override both together"
+        )
+    if tr_cfg["in_channels"] != vae_cfg["z_dim"]:
+        raise ValueError(f"transformer in_channels={tr_cfg['in_channels']} must equal the VAE z_dim={vae_cfg['z_dim']}")
+
+    vae = _seeded(seed, lambda: AutoencoderKLWan(**vae_cfg))
+    text_encoder = _seeded(seed, lambda: UMT5EncoderModel(UMT5Config(**te_cfg)))
+    transformer = _seeded(seed, lambda: WanTransformer3DModel(**tr_cfg))
+    pipe = WanPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder.eval(),
+        vae=vae.eval(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
+        transformer=transformer.eval(),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -1,0 +1,171 @@
+"""One stochastic denoising step of a rectified-flow model, with its Gaussian log-probability.
+
+Conventions (diffusers' flow matching, as in Wan / HunyuanVideo / SD3): time is the noise level
+``sigma`` in [0, 1], running from 1 (pure noise) down to 0 (data), and
+
+    x_sigma = (1 - sigma) * x0 + sigma * eps,        v = dx/dsigma = eps - x0
+
+is the velocity the denoiser predicts. The deterministic sampler is Euler on the ODE,
+``x_next = x + (sigma_next - sigma) * v``. To get a stochastic policy with a tractable
+likelihood we use the reverse-time SDE with the same marginals (Flow-GRPO, Liu et al. 2025)::
+
+    dx = [ v + s_t^2 / (2 sigma) * (x + (1 - sigma) * v) ] dsigma  +  s_t dw,
+    s_t = eta * sqrt(sigma / (1 - sigma))
+
+where ``-(x + (1 - sigma) v) / sigma`` is the score of ``x_sigma``. One Euler-Maruyama step with
+``dt = sigma_next - sigma < 0`` gives the Gaussian transition ``x_next ~ N(mean, std^2 I)``::
+
+    mean = x * (1 + s_t^2 / (2 sigma) * dt) + v * (1 + s_t^2 * (1 - sigma) / (2 sigma)) * dt
+    std  = s_t * sqrt(-dt) = eta * sqrt(sigma / (1 - sigma)) * sqrt(sigma - sigma_next)
+
+Edge cases, handled explicitly:
+
+* ``sigma == 1`` (the first step): ``sigma / (1 - sigma)`` is infinite. As in Flow-GRPO, which
+  uses the second sigma of the schedule there, the denominator becomes ``1 - sigma_next``.
+* ``sigma_next == 0`` (the last step) and ``eta == 0``: the step is deterministic. We return the
+  plain Euler step (``mean`` reduces to ``x + dt * v`` when ``s_t = 0``), ``std = 0`` and
+  ``log_prob = 0``: a point mass has no density, so these steps contribute a ratio of exactly 1
+  and no policy gradient, and the sampler leaves them out of the trained steps. Ending on a
+  deterministic step also means the final latent carries no leftover injected noise.
+
+``log_prob`` is the Gaussian log-density **averaged** (not summed) over all non-batch
+elements, the Flow-GRPO convention: it keeps the scale independent of the video size. All maths
+is in float32 whatever the model dtype.
+
+Example::
+
+    >>> v = torch.randn(2, 16, 2, 4, 4); x = torch.randn(2, 16, 2, 4, 4)
+    >>> step = sde_step_with_logprob(v, x, sigma=0.8, sigma_next=0.6, eta=0.25)
+    >>> step.prev_sample.shape, step.log_prob.shape
+    (torch.Size([2, 16, 2, 4, 4]), torch.Size([2]))
+    >>> again = sde_step_with_logprob(v, x, 0.8, 0.6, 0.25, prev_sample=step.prev_sample)  # scoring mode
+    >>> torch.allclose(again.log_prob, step.log_prob)
+    True
+"""
+from __future__ import annotations
+
+import math
+from typing import List, NamedTuple, Optional, Union
+
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+__all__ = ["SDEStep", "sde_step_with_logprob", "sde_std"]
+
+Scalar = Union[float, torch.Tensor]
+_HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+
+
+class SDEStep(NamedTuple):
+    """Result of :func:`sde_step_with_logprob`.
+
+    Attributes:
+        prev_sample: ``[B, ...]`` float32, the next (less noisy) latent ``x_{sigma_next}``.
+        log_prob: ``[B]`` float32, mean over non-batch elements of ``log N(prev_sample; mean, std^2)``
+            (0 for deterministic steps).
+        mean: ``[B, ...]`` float32, the transition mean; differentiable w.r.t. ``velocity``.
+        std: ``[B, 1, ..., 1]`` float32, the transition standard deviation (``s_t * sqrt(-dt)``),
+            0 for deterministic steps. The KL between two policies' transitions at this step is
+            ``((mean_a - mean_b) ** 2).mean(non-batch dims) / (2 * std ** 2)``.
+    """
+
+    prev_sample: torch.Tensor
+    log_prob: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+
+
+def _as_batch_column(value: Scalar, name: str, batch: int, ndim: int, device: torch.device) -> torch.Tensor:
+    """Float32 tensor of shape ``[B or 1, 1, ..., 1]`` from a float, 0-d tensor or ``[B]`` tensor."""
+    t = torch.as_tensor(value, dtype=torch.float32, device=device)
+    if t.ndim == 0:
+        t = t.reshape(1)
+    if t.ndim != 1 or t.shape[0] not in (1, batch):
+        raise ValueError(f"{name} must be a float or a tensor of shape [] or [{batch}], got shape {tuple(t.shape)}")
+    return t.reshape(-1, *([1] * (ndim - 1)))
+
+
+def sde_std(sigma: torch.Tensor, sigma_next: torch.Tensor, eta: float) -> torch.Tensor:
+    """Transition std ``eta * sqrt(sigma / (1 - sigma~)) * sqrt(sigma - sigma_next)``, 0 when deterministic.
+
+    ``sigma~`` is ``sigma`` except at ``sigma == 1``, where it is ``sigma_next`` (no division by zero).
+    Shapes broadcast; returns float32.
+    """
+    sigma = sigma.float()
+    sigma_next = sigma_next.float()
+    denom_sigma = torch.where(sigma >= 1.0, sigma_next, sigma)
+    s_t = eta * torch.sqrt(sigma / (1.0 - denom_sigma))
+    std = s_t * torch.sqrt((sigma - sigma_next).clamp_min(0.0))
+    return torch.where(sigma_next > 0, std, torch.zeros_like(std))
+
+
+def sde_step_with_logprob(
+    velocity: torch.Tensor,
+    latents: torch.Tensor,
+    sigma: Scalar,
+    sigma_next: Scalar,
+    eta: float,
+    prev_sample: Optional[torch.Tensor] = None,
+    generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
+    noise: Optional[torch.Tensor] = None,
+) -> SDEStep:
+    """One Flow-GRPO SDE step ``x_sigma -> x_sigma_next`` and the log-probability of its result.
+
+    Args:
+        velocity: ``[B, C, F, h, w]`` (any ``[B, ...]``) predicted velocity ``v = eps - x0`` at
+            ``latents``, already guided (CFG) if applicable; any dtype, cast to float32.
+        latents: ``[B, ...]`` current latent ``x_sigma``.
+        sigma: current noise level in (0, 1]; float, 0-d tensor or ``[B]`` tensor.
+        sigma_next: next noise level in [0, sigma); same forms as ``sigma``.
+        eta: SDE noise level (>= 0). ``eta = 0`` is the deterministic Euler ODE step.
+        prev_sample: scoring mode: the recorded next latent ``[B, ...]`` whose log-prob is
+            returned (it is detached; gradients flow through ``mean`` only). If None, one is sampled.
+        generator: torch generator(s) for the sampled noise (one per batch item if a list).
+        noise: explicit standard-normal noise ``[B, ...]`` (overrides ``generator``).
+
+    Returns:
+        :class:`SDEStep` ``(prev_sample, log_prob [B], mean [B, ...], std [B, 1, ...])``, all float32.
+
+    Raises:
+        ValueError: on mismatched shapes, negative ``eta``, or a sigma pair that does not step
+            down within [0, 1].
+    """
+    if velocity.shape != latents.shape:
+        raise ValueError(f"velocity {tuple(velocity.shape)} and latents {tuple(latents.shape)} must have the same shape")
+    if prev_sample is not None and prev_sample.shape != latents.shape:
+        raise ValueError(f"prev_sample {tuple(prev_sample.shape)} must have the latents' shape {tuple(latents.shape)}")
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    batch, ndim, device = latents.shape[0], latents.ndim, latents.device
+    sigma_t = _as_batch_column(sigma, "sigma", batch, ndim, device)
+    sigma_n = _as_batch_column(sigma_next, "sigma_next", batch, ndim, device)
+    if bool((sigma_t > 1.0).any() or (sigma_t <= 0.0).any() or (sigma_n < 0.0).any() or (sigma_n >= sigma_t).any()):
+        raise ValueError(
+            "sigmas must satisfy 0 <= sigma_next < sigma <= 1 (denoising runs from 1 to 0); got "
+            f"sigma={sigma_t.flatten().tolist()}, sigma_next={sigma_n.flatten().tolist()}"
+        )
+
+    v = velocity.float()
+    x = latents.float()
+    dt = sigma_n - sigma_t  # < 0
+    std = sde_std(sigma_t, sigma_n, eta)
+    # s_t^2 = std^2 / (-dt); zero on deterministic steps, where mean is the plain Euler step.
+    s2 = std.square() / (-dt)
+    mean = x * (1.0 + s2 / (2.0 * sigma_t) * dt) + v * (1.0 + s2 * (1.0 - sigma_t) / (2.0 * sigma_t)) * dt
+    std = std.expand(batch, *std.shape[1:])
+    stochastic = std > 0  # [B, 1, ..., 1]
+
+    if prev_sample is None:
+        if noise is None:
+            noise = randn_tensor(x.shape, generator=generator, device=device, dtype=torch.float32)
+        elif noise.shape != x.shape:
+            raise ValueError(f"noise {tuple(noise.shape)} must have the latents' shape {tuple(x.shape)}")
+        prev_sample = mean + std * noise.float()
+    else:
+        prev_sample = prev_sample.detach().float()
+
+    safe_std = torch.where(stochastic, std, torch.ones_like(std))
+    elem = -((prev_sample - mean) ** 2) / (2.0 * safe_std**2) - torch.log(safe_std) - _HALF_LOG_2PI
+    log_prob = elem.mean(dim=tuple(range(1, ndim)))
+    log_prob = torch.where(stochastic.reshape(batch), log_prob, torch.zeros_like(log_prob))
+    return SDEStep(prev_sample=prev_sample, log_prob=log_prob, mean=mean, std=std)

@@ -1,0 +1,303 @@
+"""Flow-matching SDE step maths, SDE rollouts on the tiny Wan policy, and the ratio == 1 invariant."""
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+from pisces_rl.models import build_policy, build_tiny_wan_pipeline
+from pisces_rl.rollout import Rollout, cat, rescore_log_prob, sample_rollout, sde_step_with_logprob
+
+PROMPTS = ["two red squares moving left", "a blue circle"]
+
+
+def model_cfg(**overrides):
+    cfg = dict(pretrained="tiny", family="wan", dtype="fp32", lora_rank=4, lora_alpha=4,
+               lora_target_modules=["to_q", "to_k", "to_v", "to_out.0"], lora_path=None,
+               gradient_checkpointing=False, seed=0)
+    cfg.update(overrides)
+    return SimpleNamespace(**cfg)
+
+
+def sampling_cfg(**overrides):
+    cfg = dict(num_frames=5, height=32, width=32, num_inference_steps=4, guidance_scale=4.0, eta=0.25,
+               train_timestep_fraction=1.0, decode_chunk_size=0, negative_prompt="", max_sequence_length=16)
+    cfg.update(overrides)
+    return SimpleNamespace(**cfg)
+
+
+def tuned_policy(**overrides):
+    """A tiny policy whose LoRA is perturbed (B != 0), so it differs from the base model."""
+    policy = build_policy(model_cfg(**overrides), device="cpu")
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in policy.transformer.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    return policy
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+# ------------------------------------------------------------------ the SDE step
+def test_log_prob_matches_a_hand_computed_gaussian():
+    g = gen()
+    x, v, noise = (torch.randn(3, 4, 2, 3, 3, generator=g) for _ in range(3))
+    sigma, sigma_next, eta = torch.tensor([0.9, 0.6, 0.3]), torch.tensor([0.7, 0.5, 0.1]), 0.4
+    step = sde_step_with_logprob(v, x, sigma, sigma_next, eta, noise=noise)
+
+    s, sn = sigma.view(-1, 1, 1, 1, 1), sigma_next.view(-1, 1, 1, 1, 1)
+    dt = sn - s
+    s_t = eta * torch.sqrt(s / (1 - s))
+    mean = x + (v + s_t**2 / (2 * s) * (x + (1 - s) * v)) * dt
+    std = s_t * torch.sqrt(-dt)
+    expected = torch.distributions.Normal(mean, std).log_prob(mean + std * noise).mean(dim=(1, 2, 3, 4))
+    torch.testing.assert_close(step.mean, mean, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(step.std, std, atol=1e-7, rtol=1e-6)
+    torch.testing.assert_close(step.prev_sample, mean + std * noise, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(step.log_prob, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_scoring_mode_matches_sampling_and_differentiates_through_the_mean_only():
+    g = gen(2)
+    x = torch.randn(2, 3, 5, generator=g)
+    v = torch.randn(2, 3, 5, generator=g, requires_grad=True)
+    sampled = sde_step_with_logprob(v.detach(), x, 0.8, 0.5, 0.7, generator=g)
+    prev = sampled.prev_sample.clone().requires_grad_(True)
+    scored = sde_step_with_logprob(v, x, 0.8, 0.5, 0.7, prev_sample=prev)
+    torch.testing.assert_close(scored.log_prob, sampled.log_prob, atol=1e-6, rtol=0)
+    scored.log_prob.sum().backward()
+    assert v.grad is not None and v.grad.abs().sum() > 0
+    assert prev.grad is None
+    assert scored.log_prob.dtype == torch.float32
+
+
+def test_half_precision_inputs_are_computed_in_fp32():
+    x = torch.randn(2, 8).to(torch.bfloat16)
+    step = sde_step_with_logprob(x, x, 0.5, 0.3, 0.3, generator=gen())
+    assert step.prev_sample.dtype == step.log_prob.dtype == step.mean.dtype == torch.float32
+
+
+def test_sigma_one_uses_the_next_sigma_in_the_denominator():
+    x, v = torch.randn(2, 6, generator=gen()), torch.randn(2, 6, generator=gen(1))
+    step = sde_step_with_logprob(v, x, 1.0, 0.8, 0.5, generator=gen())
+    assert torch.isfinite(step.prev_sample).all() and torch.isfinite(step.log_prob).all()
+    expected_std = 0.5 * math.sqrt(1.0 / (1.0 - 0.8)) * math.sqrt(0.2)
+    torch.testing.assert_close(step.std.flatten(), torch.full((2,), expected_std))
+
+
+def test_last_step_to_zero_is_a_deterministic_euler_step():
+    x, v = torch.randn(2, 6, generator=gen()), torch.randn(2, 6, generator=gen(1))
+    step = sde_step_with_logprob(v, x, 0.2, 0.0, 0.7, generator=gen())
+    torch.testing.assert_close(step.prev_sample, x - 0.2 * v)  # = predicted x0
+    assert torch.equal(step.std, torch.zeros_like(step.std))
+    assert torch.equal(step.log_prob, torch.zeros(2))
+
+
+def test_eta_zero_is_the_diffusers_euler_step_with_zero_log_prob():
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    scheduler.set_timesteps(5)
+    x, v = torch.randn(2, 16, 2, 4, 4, generator=gen()), torch.randn(2, 16, 2, 4, 4, generator=gen(1))
+    for i, t in enumerate(scheduler.timesteps):
+        expected = scheduler.step(v, t, x, return_dict=False)[0]
+        step = sde_step_with_logprob(v, x, scheduler.sigmas[i], scheduler.sigmas[i + 1], eta=0.0)
+        torch.testing.assert_close(step.prev_sample, expected, atol=1e-6, rtol=0)
+        assert torch.equal(step.log_prob, torch.zeros(2))
+
+
+def test_sde_preserves_the_marginals_of_a_gaussian_flow():
+    """Data x0 ~ N(0, a^2): the exact velocity is known, x_sigma ~ N(0, (1-sigma)^2 a^2 + sigma^2).
+    Simulating the SDE from sigma = 1 with a large eta must land on the right marginal variance
+    (a sign error in the score correction or the noise scale breaks this)."""
+    a2 = 0.25
+    var = lambda s: (1 - s) ** 2 * a2 + s**2  # noqa: E731
+    sigmas = torch.linspace(1.0, 0.1, 61)
+    g = gen()
+    x = torch.randn(20000, 1, generator=g)
+    for i in range(60):
+        s = sigmas[i]
+        v = x * (s - (1 - s) * a2) / var(s)
+        x = sde_step_with_logprob(v, x, s, sigmas[i + 1], eta=0.7, generator=g).prev_sample
+    assert abs(x.var().item() / var(0.1) - 1) < 0.05
+
+
+def test_invalid_step_arguments_raise():
+    x = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="sigma_next < sigma"):
+        sde_step_with_logprob(x, x, 0.5, 0.5, 0.3)
+    with pytest.raises(ValueError, match="sigma_next < sigma"):
+        sde_step_with_logprob(x, x, 1.2, 0.5, 0.3)
+    with pytest.raises(ValueError, match="eta"):
+        sde_step_with_logprob(x, x, 0.5, 0.3, -0.1)
+    with pytest.raises(ValueError, match="same shape"):
+        sde_step_with_logprob(torch.zeros(2, 4), x, 0.5, 0.3, 0.3)
+    with pytest.raises(ValueError, match=r"shape \[\] or \[2\]"):
+        sde_step_with_logprob(x, x, torch.tensor([0.5, 0.4, 0.3]), 0.2, 0.3)
+
+
+# ------------------------------------------------------------------ rollouts
+def test_sample_rollout_shapes_determinism_and_train_steps():
+    policy = tuned_policy()
+    cfg = sampling_cfg(num_inference_steps=5, decode_chunk_size=1)
+    r = sample_rollout(policy, PROMPTS * 2, cfg, generator=gen())
+    assert len(r) == 4 and r.num_steps == 5
+    assert r.latents.shape == (4, 6, 16, 2, 4, 4) and r.latents.dtype == torch.float32
+    assert r.log_probs.shape == (4, 5) and r.timesteps.shape == (5,) and r.sigmas.shape == (6,)
+    assert r.prompt_embeds.shape == r.negative_prompt_embeds.shape == (4, 16, 32)
+    assert r.videos.shape == (4, 5, 3, 32, 32) and 0 <= r.videos.min() and r.videos.max() <= 1
+    assert r.sigmas[0] == 1.0 and r.sigmas[-1] == 0.0
+    assert torch.equal(r.log_probs[:, -1], torch.zeros(4)) and (r.log_probs[:, :-1] != 0).all()
+    assert torch.equal(r.train_step_indices, torch.arange(4).expand(4, 4))  # every stochastic step
+    again = sample_rollout(policy, PROMPTS * 2, cfg, generator=gen())
+    assert torch.equal(again.latents, r.latents) and torch.equal(again.videos, r.videos)
+    other = sample_rollout(policy, PROMPTS * 2, cfg, generator=gen(1))
+    assert not torch.allclose(other.latents[:, -1], r.latents[:, -1])
+
+    half = sample_rollout(policy, PROMPTS * 2, sampling_cfg(num_inference_steps=5, train_timestep_fraction=0.5),
+                          generator=gen())
+    idx = half.train_step_indices
+    assert idx.shape == (4, 2) and (idx[:, 0] < idx[:, 1]).all() and idx.min() >= 0 and idx.max() <= 3
+    assert len({tuple(row) for row in idx.tolist()}) > 1, "subsets are drawn per video"
+
+
+def test_eta_zero_rollout_reproduces_the_plain_pipeline():
+    policy = tuned_policy()
+    cfg = sampling_cfg(eta=0.0)
+    r = sample_rollout(policy, PROMPTS, cfg, generator=gen(3))
+    frames = policy.pipeline(PROMPTS, num_frames=5, height=32, width=32, num_inference_steps=4, guidance_scale=4.0,
+                             max_sequence_length=16, generator=gen(3), output_type="pt").frames
+    torch.testing.assert_close(r.videos, frames, atol=1e-4, rtol=0)
+    assert torch.equal(r.log_probs, torch.zeros(2, 4)) and r.train_step_indices.shape == (2, 0)
+
+
+def test_rescore_with_the_same_weights_gives_ratio_one():
+    """The invariant behind every clipped-ratio update: re-scoring a recorded rollout with the
+    weights that sampled it gives exp(new - old) == 1, for every step, sub-batch and CFG."""
+    policy = tuned_policy()
+    r = sample_rollout(policy, PROMPTS * 2, sampling_cfg(num_inference_steps=5), generator=gen())
+    for step in range(r.num_steps):
+        new = rescore_log_prob(policy, r, step, batch_indices=[2, 0])
+        ratio = torch.exp(new.log_prob - r.log_probs[[2, 0], step])
+        torch.testing.assert_close(ratio, torch.ones(2), atol=1e-5, rtol=0)
+    mixed = torch.tensor([3, 0, 1, 2])  # a different step per video, as the trainer uses
+    new = rescore_log_prob(policy, r, mixed)
+    old = r.log_probs.gather(1, mixed[:, None]).squeeze(1)
+    torch.testing.assert_close(torch.exp(new.log_prob - old), torch.ones(4), atol=1e-5, rtol=0)
+    with policy.lora_disabled():
+        ref = rescore_log_prob(policy, r, mixed)
+    assert (ref.log_prob - old).abs().max() > 1e-4, "the reference (LoRA off) model must score differently"
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_gradients_reach_lora_params_only(checkpointing):
+    policy = tuned_policy(gradient_checkpointing=checkpointing)
+    r = sample_rollout(policy, PROMPTS, sampling_cfg(), generator=gen())
+    assert not r.latents.requires_grad and not r.log_probs.requires_grad
+    out = rescore_log_prob(policy, r, r.train_step_indices[:, 1])
+    out.log_prob.sum().backward()
+    lora = policy.trainable_parameters()
+    assert all(p.grad is not None for p in lora) and sum(p.grad.abs().sum() for p in lora) > 0
+    frozen = [p for p in policy.pipeline.transformer.parameters() if not p.requires_grad]
+    frozen += list(policy.pipeline.vae.parameters()) + list(policy.pipeline.text_encoder.parameters())
+    assert frozen and all(p.grad is None for p in frozen)
+    grads = torch.cat([p.grad.flatten() for p in lora])
+    if checkpointing:  # identical to the plain backward
+        plain = tuned_policy()
+        rescore_log_prob(plain, r, r.train_step_indices[:, 1]).log_prob.sum().backward()
+        torch.testing.assert_close(grads, torch.cat([p.grad.flatten() for p in plain.trainable_parameters()]))
+
+
+def test_sampling_without_cfg_and_bad_configs():
+    policy = build_policy(model_cfg(), device="cpu")
+    r = sample_rollout(policy, PROMPTS, sampling_cfg(guidance_scale=1.0), generator=gen(), decode=False)
+    assert r.negative_prompt_embeds is None and r.videos is None
+    torch.testing.assert_close(torch.exp(rescore_log_prob(policy, r, 1).log_prob - r.log_probs[:, 1]), torch.ones(2),
+                               atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="4k\\+1"):
+        sample_rollout(policy, PROMPTS, sampling_cfg(num_frames=6))
+    with pytest.raises(ValueError, match="train_timestep_fraction"):
+        sample_rollout(policy, PROMPTS, sampling_cfg(train_timestep_fraction=0.0))
+    with pytest.raises(ValueError, match="list of strings"):
+        sample_rollout(policy, "one prompt", sampling_cfg())
+    with pytest.raises(IndexError, match="out of range"):
+        rescore_log_prob(policy, r, 4)
+
+
+# ------------------------------------------------------------------ Rollout container
+def _toy_rollout(b=4, t=3, offset=0.0):
+    return Rollout(
+        prompts=[f"p{i}" for i in range(b)], prompt_embeds=torch.arange(b * 2 * 3.0).view(b, 2, 3) + offset,
+        negative_prompt_embeds=None, latents=torch.randn(b, t + 1, 2, 1, 2, 2), log_probs=torch.randn(b, t),
+        timesteps=torch.tensor([1000.0, 600.0, 300.0]), sigmas=torch.tensor([1.0, 0.6, 0.3, 0.0]),
+        train_step_indices=torch.tensor([[0, 1]] * b), videos=torch.rand(b, 5, 3, 8, 8), guidance_scale=4.0,
+        eta=0.3,
+    )
+
+
+def test_rollout_select_split_chunk_cat_roundtrip():
+    r = _toy_rollout()
+    sub = r.index_select([3, 1])
+    assert sub.prompts == ["p3", "p1"] and torch.equal(sub.latents, r.latents[[3, 1]])
+    assert torch.equal(sub.videos, r.videos[[3, 1]]) and torch.equal(sub.sigmas, r.sigmas)
+    assert [len(c) for c in r.chunk(3)] == [2, 2] and [len(c) for c in r.split(3)] == [3, 1]
+    back = cat(r.split(3))
+    assert back.prompts == r.prompts and torch.equal(back.log_probs, r.log_probs)
+    assert torch.equal(back.prompt_embeds, r.prompt_embeds) and back.negative_prompt_embeds is None
+    assert r.to("cpu").latents.device.type == "cpu"
+    mask = torch.tensor([True, False, False, True])
+    assert r.index_select(mask).prompts == ["p0", "p3"]
+
+
+def test_rollout_rejects_inconsistent_shapes_and_settings():
+    r = _toy_rollout()
+    with pytest.raises(ValueError, match="log_probs"):
+        Rollout(**{**r.__dict__, "log_probs": torch.zeros(4, 2)})
+    with pytest.raises(ValueError, match="different settings"):
+        cat([r, Rollout(**{**r.__dict__, "eta": 0.5})])
+    with pytest.raises(IndexError):
+        r.index_select([7])
+
+
+# ------------------------------------------------------------------ dtypes, devices, real configs
+def _bf16_ratio_check(device):
+    from pisces_rl.models import VideoPolicy, get_family
+
+    policy = VideoPolicy(build_tiny_wan_pipeline(0), get_family("wan"), dtype=torch.bfloat16, device=device,
+                         lora_rank=4, lora_alpha=4)
+    assert policy.transformer.proj_out.weight.dtype == torch.bfloat16
+    assert policy.transformer.scale_shift_table.dtype == torch.float32  # Wan's keep-in-fp32 modules
+    assert policy.pipeline.vae.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in policy.trainable_parameters())
+    with torch.no_grad():
+        for name, p in policy.transformer.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    r = sample_rollout(policy, PROMPTS * 2, sampling_cfg(), generator=gen())
+    assert r.latents.dtype == r.log_probs.dtype == torch.float32 and r.prompt_embeds.dtype == torch.bfloat16
+    steps = torch.tensor([0, 1, 2, 0], device=device)
+    new = rescore_log_prob(policy, r, steps[:2], batch_indices=[1, 3])
+    old = r.log_probs[[1, 3]].gather(1, steps[:2, None]).squeeze(1)
+    # bf16 matmuls may differ slightly with the batch composition: 1e-3 instead of the fp32 1e-5
+    torch.testing.assert_close(torch.exp(new.log_prob - old), torch.ones(2, device=device), atol=1e-3, rtol=0)
+    new.log_prob.sum().backward()
+    assert sum(p.grad.abs().sum() for p in policy.trainable_parameters()) > 0
+
+
+def test_bf16_base_keeps_lora_and_sampling_in_fp32():
+    _bf16_ratio_check("cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bf16_policy_on_cuda():
+    _bf16_ratio_check("cuda")
+
+
+def test_works_with_the_real_config_dataclasses():
+    config = pytest.importorskip("pisces_rl.config")
+    policy = build_policy(config.ModelConfig(lora_rank=2), device="cpu")
+    r = sample_rollout(policy, PROMPTS, config.SamplingConfig(num_inference_steps=2), generator=gen())
+    assert r.latents.shape[:2] == (2, 3) and r.videos.shape == (2, 5, 3, 32, 32)
