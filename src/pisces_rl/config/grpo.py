@@ -18,7 +18,7 @@ from typing import Optional
 
 from .base import ConfigBase, ConfigError, option, require, section
 
-__all__ = ["ModelConfig", "SamplingConfig", "RewardsConfig", "TrainConfig", "DataConfig", "LoggingConfig",
+__all__ = ["train_timesteps_per_video", "ModelConfig", "SamplingConfig", "RewardsConfig", "TrainConfig", "DataConfig", "LoggingConfig",
            "CheckpointConfig", "GRPOConfig", "batch_arithmetic", "MODEL_SOURCES", "ENCODER_SOURCES"]
 
 MODEL_SOURCES = ("tiny", "shapes")  # model.pretrained names resolved in code, not on disk
@@ -33,6 +33,14 @@ def _check_source(key: str, value: Optional[str], names: tuple = (), what: str =
     builtin = f"one of {', '.join(repr(n) for n in names)}, " if names else ""
     raise ConfigError(f"{value!r} is not {builtin}an existing {what}, or a hub id like 'org/name' "
                       f"(working directory: {os.getcwd()}); fix the path", key)
+
+
+def train_timesteps_per_video(sampling) -> int:
+    """K = ceil(fraction * (T - 1)): the stochastic steps (all but the last, noise-free one) trained per video.
+
+    Same rule as :func:`pisces_rl.rollout.select_train_steps`.
+    """
+    return math.ceil(sampling.train_timestep_fraction * (sampling.num_inference_steps - 1))
 
 
 def _positive(obj: object, *names: str, zero_ok: bool = False) -> None:
@@ -91,8 +99,8 @@ class SamplingConfig(ConfigBase):
         _positive(self, "guidance_scale", "decode_chunk_size", zero_ok=True)
         f = self.train_timestep_fraction
         require(0 < f <= 1, "train_timestep_fraction", f"must be in (0, 1], got {f}")
-        require(int(self.num_inference_steps * f) >= 1, "train_timestep_fraction",
-                f"{f} x num_inference_steps={self.num_inference_steps} selects no step; raise it")
+        require(self.num_inference_steps >= 2, "num_inference_steps",
+                "must be >= 2: the last (noise-free) step is never trained on")
 
 
 @dataclass
@@ -295,5 +303,5 @@ def batch_arithmetic(cfg: GRPOConfig, num_processes: int = 1) -> dict[str, int]:
         "optimizer_steps_per_iteration": opt_per_epoch * t.num_inner_epochs,
         "total_optimizer_steps": opt_per_epoch * t.num_inner_epochs * t.max_steps,
         "videos_per_optimizer_step": step * num_processes,
-        "train_timesteps_per_video": int(s.num_inference_steps * s.train_timestep_fraction),
+        "train_timesteps_per_video": train_timesteps_per_video(s),
     }
