@@ -1,0 +1,25 @@
+"""Video–text encoders behind one protocol (:class:`VideoTextEncoder`), so real checkpoints and tiny test models
+share the reward code. See ``docs/encoders.md`` for adding an adapter."""
+from __future__ import annotations
+
+from .base import AttentionFuser, TextFeatures, VideoFeatures, VideoTextEncoder, check_videos
+from .blip import BlipVideoTextEncoder, tiny_blip_config
+from .tokenizer import build_tiny_tokenizer
+
+__all__ = ["VideoTextEncoder", "TextFeatures", "VideoFeatures", "AttentionFuser", "check_videos",
+           "BlipVideoTextEncoder", "tiny_blip_config", "build_tiny_tokenizer", "load_encoder"]
+
+
+def load_encoder(spec, num_frames=None, device=None, dtype=None):
+    """``"tiny"`` (or ``"tiny:SEED"``) → :meth:`BlipVideoTextEncoder.tiny`; a directory → ``from_pretrained``;
+    an encoder object is returned as is. Frozen in every case."""
+    if not isinstance(spec, str):
+        return spec
+    if spec == "tiny" or spec.startswith("tiny:"):
+        seed = int(spec.partition(":")[2] or 0)
+        encoder = BlipVideoTextEncoder.tiny(seed=seed, num_frames=num_frames)
+        if dtype is not None:
+            from .blip import _resolve_dtype
+            encoder = encoder.to(dtype=_resolve_dtype(dtype))
+        return encoder.to(device) if device is not None else encoder
+    return BlipVideoTextEncoder.from_pretrained(spec, num_frames=num_frames, device=device, dtype=dtype)
