@@ -12,10 +12,10 @@ Launch on 8 GPUs with DeepSpeed ZeRO-2::
     accelerate launch --config_file recipes/accelerate/zero2.yaml recipes/grpo_long_video.py \\
         --config recipes/configs/grpo_long_video_wan.yaml output_dir=runs/long
 
-On a CPU machine (2 processes, gloo)::
+On a CPU machine (2 processes; the gloo backend is chosen for you)::
 
-    ACCELERATE_USE_CPU=1 accelerate launch --config_file recipes/accelerate/zero2.yaml --multi_gpu \\
-        --num_processes 2 recipes/grpo_long_video.py --config recipes/configs/grpo_long_video_tiny_cpu.yaml
+    accelerate launch --config_file recipes/accelerate/zero2.yaml --num_processes 2 \\
+        recipes/grpo_long_video.py --config recipes/configs/grpo_long_video_tiny_cpu.yaml
 """
 from __future__ import annotations
 

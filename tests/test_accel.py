@@ -2,8 +2,6 @@
 import importlib.util
 import json
 import os
-import socket
-import subprocess
 import sys
 import types
 from pathlib import Path
@@ -14,6 +12,7 @@ import torch
 import yaml
 from PIL import Image
 
+from _launch import accelerate_launch
 from pisces_rl.trainer.accel import (_fill_deepspeed_config, build_accelerator, gather_lora_state_dict,
                                      gradient_sync, is_deepspeed, zero_stage)
 from pisces_rl.trainer.tracking import (flatten_config, format_summary, init_trackers, plot_curve, save_video,
@@ -255,12 +254,6 @@ def test_format_summary_flat_and_nested():
 
 
 # ----------------------------------------------------------------------------- 2 CPU processes
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.distributed
 @pytest.mark.parametrize("config, kind, stage", [("zero2", "DEEPSPEED", 2), ("zero3", "DEEPSPEED", 3),
                                                  ("ddp", "MULTI_CPU", 0)])
@@ -272,14 +265,7 @@ def test_two_processes_train_checkpoint_and_resume(tmp_path, config, kind, stage
     """
     if stage and importlib.util.find_spec("deepspeed") is None:
         pytest.skip("deepspeed is not installed")
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("ACCELERATE_") and k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR",
-                                                            "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch",
-           "--config_file", str(CONFIGS / f"{config}.yaml"), "--num_processes", "2",
-           "--main_process_port", str(_free_port()), str(ROOT / "tests" / "_accel_worker.py"), str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = accelerate_launch(config, ROOT / "tests" / "_accel_worker.py", [str(tmp_path)])
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["num_processes"] == 2

@@ -14,6 +14,7 @@ Everything random is a pure function of ``(seed, iteration, process)``, so a res
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -27,7 +28,7 @@ from ..data import GroupSampler, load_prompts
 from ..models import build_policy
 from ..rewards import RewardServer, build_reward_server
 from ..rollout import Rollout, rescore_log_prob, sample_rollout
-from .accel import build_accelerator, gather_lora_state_dict, gradient_sync
+from .accel import build_accelerator, gather_lora_state_dict, gradient_sync, zero_stage
 from .advantages import group_advantages
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .losses import clipped_policy_loss, gaussian_kl, pseudo_huber
@@ -300,6 +301,11 @@ class GRPOTrainer:
         self.save_lora(os.path.join(self.config.output_dir, "lora"))
         acc.wait_for_everyone()
         if acc.is_main_process:
+            summary = {"steps": self.step, "num_processes": acc.num_processes,
+                       "distributed_type": str(acc.distributed_type), "zero_stage": zero_stage(acc),
+                       "batch": self.batch, "metrics": metrics}
+            with open(os.path.join(self.config.output_dir, "summary.json"), "w") as f:
+                json.dump(summary, f, indent=2, default=float)
             print(format_summary(metrics))
         acc.end_training()
 
