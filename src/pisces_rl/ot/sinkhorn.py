@@ -1,8 +1,9 @@
-"""Entropic unbalanced optimal transport (PISCES Algorithm 3), log-domain and batched.
+"""Entropic unbalanced optimal transport (PISCES Algorithm 3), batched.
 
-Problem (Chizat et al. 2018; PISCES, arXiv 2602.01624, Alg. 3)::
+Problem (Chizat et al. 2018, "Scaling algorithms for unbalanced optimal transport problems";
+PISCES, arXiv 2602.01624, Alg. 3)::
 
-    P* = argmin_P  <P, C> + eps * KL(P | 1) + rho * KL(P 1 | a) + rho * KL(P^T 1 | b)
+    P* = argmin_{P >= 0}  <P, C> + eps * KL(P | 1) + rho * KL(P 1 | a) + rho * KL(P^T 1 | b)
 
 with the KL-relaxed marginals weighted by ``rho = eps * m / (1 - m)``, where ``m`` is the
 *transported mass* fraction. Writing ``tau = rho / (rho + eps)`` (which equals ``m``), the
@@ -12,9 +13,24 @@ log-domain scaling iterations are::
     log v <- tau * (log b - LSE_i(-C_ij / eps + log u_i))
     P_ij   = exp(log u_i - C_ij / eps + log v_j)
 
-``m >= 0.999`` is treated as balanced OT (``tau = 1``, plain log-domain Sinkhorn).
+``m >= 0.999`` is treated as balanced OT (``tau = 1``, plain Sinkhorn).
 At convergence the plan equals POT's
 ``ot.unbalanced.sinkhorn_unbalanced(a, b, C, reg=eps, reg_m=rho, reg_type="entropy")``.
+
+Implementation. The iterates above are computed in the scaling domain with absorption
+(Schmitzer 2019, "Stabilized sparse scaling algorithms for entropy regularized transport
+problems"): ``log u = alpha + log u~``, ``log v = beta + log v~`` and the stabilised kernel
+``K~_ij = exp(alpha_i - C_ij / eps + beta_j)``, so one half-step is a batched mat-vec::
+
+    u~ <- (a / (K~ v~))^tau * exp(-(1 - tau) * alpha)
+    v~ <- (b / (K~^T u~))^tau * exp(-(1 - tau) * beta)
+
+Whenever ``|log u~|`` or ``|log v~|`` grows past a dtype-dependent threshold, the scalings are
+absorbed into ``alpha, beta`` and ``K~`` is rebuilt. This is the same sequence of iterates as the
+log-domain recursion, at the cost of mat-vecs instead of ``exp`` over the whole cost per step.
+Convergence is tested every few iterations (one host sync per test, the next test scheduled from
+the observed linear rate). If the scaling form ever under/overflows (extreme ``C / eps``), the
+solver restarts with the plain log-domain recursion, which cannot overflow.
 
 Example::
 
@@ -25,6 +41,7 @@ Example::
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -32,6 +49,8 @@ import torch
 __all__ = ["unbalanced_sinkhorn", "marginal_relaxation"]
 
 BALANCED_MASS = 0.999
+_FIRST_CHECK = 4  # iterations before the first convergence test
+_MAX_CHECK_GAP = 16  # never run more iterations than this without a test
 
 
 def marginal_relaxation(epsilon: float, mass: float) -> float:
@@ -40,21 +59,12 @@ def marginal_relaxation(epsilon: float, mass: float) -> float:
     Returns ``inf`` for ``mass >= 0.999`` (balanced OT).
     """
     if not 0.0 < mass <= 1.0:
-        raise ValueError(f"mass must lie in (0, 1], got {mass}")
+        raise ValueError(f"mass must lie in (0, 1], got {mass}; use e.g. mass=0.9 (or 1.0 for balanced OT)")
+    if not epsilon > 0:
+        raise ValueError(f"epsilon must be > 0, got {epsilon}; use e.g. epsilon=0.05")
     if mass >= BALANCED_MASS:
         return float("inf")
     return epsilon * mass / (1.0 - mass)
-
-
-def _log_marginal(w: Optional[torch.Tensor], shape: torch.Size, n: int, like: torch.Tensor) -> torch.Tensor:
-    """Log of a marginal broadcast to ``shape[:-1] + (n,)``; uniform ``1/n`` when ``w`` is None."""
-    if w is None:
-        return torch.full((*shape, n), -torch.log(torch.tensor(float(n), dtype=like.dtype)).item(),
-                          dtype=like.dtype, device=like.device)
-    w = w.to(dtype=like.dtype, device=like.device)
-    if (w < 0).any():
-        raise ValueError("marginal weights must be non-negative")
-    return torch.log(w).expand(*shape, n)
 
 
 def unbalanced_sinkhorn(
@@ -69,46 +79,179 @@ def unbalanced_sinkhorn(
     """Entropic unbalanced OT plan with KL-relaxed marginals, batched over leading dims.
 
     Args:
-        cost: ``[..., N, M]`` cost matrices (any leading batch dims, e.g. ``[B, heads, N, M]``).
-        epsilon: entropic regularisation ``eps``.
+        cost: ``[..., N, M]`` finite cost matrices (any leading batch dims, e.g. ``[B, heads, N, M]``).
+        epsilon: entropic regularisation ``eps > 0``.
         mass: transported fraction ``m`` in (0, 1]; ``>= 0.999`` means balanced OT.
         max_iter: maximum number of (u, v) updates.
-        tol: stop when both log-potential updates move less than ``tol`` (sup norm over the batch).
+        tol: stop once both log-potential updates of one iteration move less than ``tol``
+            (sup norm over the whole batch). Tested every few iterations, so the solver may run a
+            few iterations past the first one that qualifies; ``tol=0`` runs ``max_iter``.
         a: source marginal ``[..., N]`` (broadcastable); uniform ``1/N`` if None. Zeros mask rows out.
         b: target marginal ``[..., M]`` (broadcastable); uniform ``1/M`` if None. Zeros mask columns out.
 
     Returns:
-        The plan ``P`` of shape ``[..., N, M]`` (same dtype as ``cost``). Masked rows/columns are 0.
+        The plan ``P`` of shape ``[..., N, M]``, same dtype and device as ``cost``. Masked rows and
+        columns are exactly 0 (a problem whose rows or columns are all masked gives an all-zero plan).
+        The plan is returned detached: PISCES uses it as a constant, so no graph is built through
+        the iterations.
     """
-    if cost.dim() < 2:
-        raise ValueError(f"cost must have shape [..., N, M], got {tuple(cost.shape)}")
-    if epsilon <= 0:
-        raise ValueError(f"epsilon must be > 0, got {epsilon}")
+    _check_inputs(cost, epsilon, max_iter, tol)
     rho = marginal_relaxation(epsilon, mass)
-    tau = 1.0 if rho == float("inf") else rho / (rho + epsilon)
+    tau = 1.0 if math.isinf(rho) else rho / (rho + epsilon)
+    if cost.numel() == 0:  # empty batch
+        return torch.zeros_like(cost)
 
     *batch, n, m = cost.shape
-    batch = torch.Size(batch)
-    log_a = _log_marginal(a, batch, n, cost)  # [..., N]
-    log_b = _log_marginal(b, batch, m, cost)  # [..., M]
-    log_k = -cost / epsilon  # [..., N, M]
+    work = cost.dtype if cost.dtype in (torch.float32, torch.float64) else torch.float32
+    with torch.no_grad():
+        c = cost.detach().to(work).reshape(-1, n, m)  # [Bf, N, M]
+        wa = _marginal(a, batch, n, c, "a").reshape(-1, n, 1)  # [Bf, N, 1]
+        wb = _marginal(b, batch, m, c, "b").reshape(-1, 1, m)  # [Bf, 1, M]
+        # Problems with no mass on one side get a dummy uniform marginal, then a zero plan.
+        empty = ~((wa > 0).any(dim=1, keepdim=True) & (wb > 0).any(dim=2, keepdim=True))  # [Bf, 1, 1]
+        has_empty = bool(empty.any())
+        if has_empty:
+            wa = torch.where(empty, torch.full_like(wa, 1.0 / n), wa)
+            wb = torch.where(empty, torch.full_like(wb, 1.0 / m), wb)
+        plan = _solve_scaling(c, wa, wb, epsilon, tau, int(max_iter), tol)
+        if plan is None:
+            plan = _solve_log(c, wa, wb, epsilon, tau, int(max_iter), tol)
+        if has_empty:
+            plan = plan.masked_fill(empty, 0.0)
+    return plan.reshape(cost.shape).to(cost.dtype)
 
-    log_u = torch.zeros_like(log_a)
-    log_v = torch.zeros_like(log_b)
-    for _ in range(max_iter):
-        new_u = tau * (log_a - torch.logsumexp(log_k + log_v.unsqueeze(-2), dim=-1))
-        new_v = tau * (log_b - torch.logsumexp(log_k + new_u.unsqueeze(-1), dim=-2))
-        du = _sup_change(new_u, log_u)
-        dv = _sup_change(new_v, log_v)
-        log_u, log_v = new_u, new_v
+
+def _check_inputs(cost: torch.Tensor, epsilon: float, max_iter: int, tol: float) -> None:
+    if not isinstance(cost, torch.Tensor):
+        raise ValueError(f"cost must be a torch.Tensor of shape [..., N, M], got {type(cost).__name__}")
+    if cost.dim() < 2 or cost.shape[-1] == 0 or cost.shape[-2] == 0:
+        raise ValueError(f"cost must have shape [..., N, M] with N, M >= 1, got {tuple(cost.shape)}")
+    if not cost.is_floating_point():
+        raise ValueError(f"cost must be a floating-point tensor, got {cost.dtype}; call cost.float() first")
+    if not epsilon > 0:
+        raise ValueError(f"epsilon must be > 0, got {epsilon}; use e.g. epsilon=0.05")
+    if isinstance(max_iter, bool) or int(max_iter) != max_iter or max_iter < 1:
+        raise ValueError(f"max_iter must be a positive integer, got {max_iter}")
+    if not tol >= 0:
+        raise ValueError(f"tol must be >= 0, got {tol}")
+    if cost.numel() and not all(math.isfinite(x) for x in torch.stack(torch.aminmax(cost.detach())).tolist()):
+        raise ValueError("cost contains NaN or inf; give masked entries any finite cost and mask them with "
+                         "zero marginal weights (a / b) instead")
+
+
+def _marginal(w: Optional[torch.Tensor], batch: list, n: int, like: torch.Tensor, name: str) -> torch.Tensor:
+    """Marginal weights broadcast to ``[*batch, n]`` (uniform ``1/n`` when ``w`` is None)."""
+    if w is None:
+        return torch.full((*batch, n), 1.0 / n, dtype=like.dtype, device=like.device)
+    w = torch.as_tensor(w).to(dtype=like.dtype, device=like.device)
+    try:
+        w = w.expand(*batch, n)
+    except RuntimeError:
+        raise ValueError(f"marginal {name} of shape {tuple(w.shape)} does not broadcast to "
+                         f"{(*batch, n)} (cost batch dims + {'N' if name == 'a' else 'M'})") from None
+    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+        raise ValueError(f"marginal {name} must be finite and non-negative (use 0 to mask an entry)")
+    return w
+
+
+class _Schedule:
+    """Decides when to test convergence: soon at first, then where the linear rate predicts."""
+
+    def __init__(self, tol: float, max_iter: int):
+        self.tol, self.max_iter = tol, max_iter
+        self.next = min(_FIRST_CHECK, max_iter)
+        self.last: Optional[tuple] = None  # (iteration, change) of the previous test
+
+    def due(self, it: int) -> bool:
+        return it >= self.next or it == self.max_iter
+
+    def update(self, it: int, change: float) -> None:
+        gap = _MAX_CHECK_GAP
+        if self.last is not None and 0 < change < self.last[1] and self.tol > 0:
+            rate = (change / self.last[1]) ** (1.0 / (it - self.last[0]))
+            gap = math.ceil(math.log(self.tol / change) / math.log(rate)) if rate > 0 else 1
+        self.last = (it, change)
+        self.next = it + min(max(gap, 1), _MAX_CHECK_GAP)
+
+
+def _kernel(c: torch.Tensor, alpha: torch.Tensor, beta: Optional[torch.Tensor], epsilon: float) -> torch.Tensor:
+    """``K~_ij = exp(alpha_i - C_ij / eps + beta_j)``: ``[Bf, N, M]``."""
+    logits = torch.add(alpha, c, alpha=-1.0 / epsilon)
+    if beta is not None:
+        logits += beta
+    return logits.exp_()
+
+
+def _solve_scaling(c, wa, wb, epsilon, tau, max_iter, tol) -> Optional[torch.Tensor]:
+    """Stabilised scaling iterations; returns None if they under/overflow (caller falls back).
+
+    Shapes: ``c [Bf, N, M]``, ``wa, u, alpha [Bf, N, 1]``, ``wb, v, beta [Bf, 1, M]``.
+    """
+    live_a, live_b = wa > 0, wb > 0
+    limit = math.log(torch.finfo(c.dtype).max) / 4  # absorb before u~ K~ v~ can overflow
+    # Start with each kernel row peaking at 1; log u = 0, log v = 0 as in the log-domain recursion.
+    alpha = c.amin(dim=2, keepdim=True) / epsilon
+    beta = torch.zeros_like(wb)
+    kern = _kernel(c, alpha, None, epsilon)
+    u, v = torch.exp(-alpha), torch.ones_like(wb)
+    # tau < 1: u~ = exp(tau log a - (1 - tau) alpha - tau log(K~ v~)); precompute the first two terms.
+    log_a, log_b = wa.log(), wb.log()
+    shift_a, shift_b = tau * log_a - (1 - tau) * alpha, tau * log_b
+    schedule = _Schedule(tol, max_iter)
+    for it in range(1, max_iter + 1):
+        u_prev, v_prev = u, v
+        kv = torch.bmm(kern, v.transpose(1, 2))  # [Bf, N, 1]
+        u = wa / kv if tau == 1 else torch.sub(shift_a, kv.log_(), alpha=tau).exp_()
+        ku = torch.bmm(u.transpose(1, 2), kern)  # [Bf, 1, M]
+        v = wb / ku if tau == 1 else torch.sub(shift_b, ku.log_(), alpha=tau).exp_()
+        if not schedule.due(it):
+            continue
+        log_u, log_v = _safe_log(u, live_a), _safe_log(v, live_b)
+        stats = torch.stack([
+            (log_u - _safe_log(u_prev, live_a)).abs().amax(), (log_v - _safe_log(v_prev, live_b)).abs().amax(),
+            log_u.abs().amax(), log_v.abs().amax(),
+        ]).tolist()
+        if not all(math.isfinite(s) for s in stats):
+            return None
+        du, dv, size_u, size_v = stats
         if du < tol and dv < tol:
             break
-    return torch.exp(log_u.unsqueeze(-1) + log_k + log_v.unsqueeze(-2))
+        schedule.update(it, max(du, dv))
+        if max(size_u, size_v) > limit:  # absorb the scalings into the kernel
+            alpha, beta = alpha + log_u, beta + log_v
+            u, v = live_a.to(u.dtype), live_b.to(v.dtype)
+            kern = _kernel(c, alpha, beta, epsilon)
+            shift_a, shift_b = tau * log_a - (1 - tau) * alpha, tau * log_b - (1 - tau) * beta
+    plan = kern.mul_(u).mul_(v)
+    return plan if math.isfinite(plan.sum().item()) else None  # NaN/inf propagate into the sum
+
+
+def _safe_log(x: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+    """``log x`` on live (positive-weight) entries, 0 on masked ones (where ``x`` is exactly 0)."""
+    return torch.where(live, x, torch.ones_like(x)).log()
+
+
+def _solve_log(c, wa, wb, epsilon, tau, max_iter, tol) -> torch.Tensor:
+    """Plain log-domain recursion of the module docstring (robust fallback)."""
+    log_k = c / -epsilon  # [Bf, N, M]
+    log_a, log_b = wa.log(), wb.log()  # [Bf, N, 1], [Bf, 1, M]; -inf on masked entries
+    log_u, log_v = torch.zeros_like(log_a), torch.zeros_like(log_b)
+    schedule = _Schedule(tol, max_iter)
+    for it in range(1, max_iter + 1):
+        new_u = tau * (log_a - torch.logsumexp(log_k + log_v, dim=2, keepdim=True))
+        new_v = tau * (log_b - torch.logsumexp(log_k + new_u, dim=1, keepdim=True))
+        due = schedule.due(it)
+        if due:
+            du, dv = _sup_change(new_u, log_u), _sup_change(new_v, log_v)
+        log_u, log_v = new_u, new_v
+        if due:
+            if du < tol and dv < tol:
+                break
+            schedule.update(it, max(du, dv))
+    return torch.exp(log_u + log_k + log_v)
 
 
 def _sup_change(new: torch.Tensor, old: torch.Tensor) -> float:
     """Sup-norm change between two log-potentials, ignoring masked (-inf) entries."""
     finite = torch.isfinite(new) & torch.isfinite(old)
-    if not finite.any():
-        return 0.0
-    return (new - old).abs().masked_fill(~finite, 0.0).max().item()
+    return (new - old).abs().masked_fill(~finite, 0.0).amax().item()

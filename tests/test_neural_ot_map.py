@@ -1,0 +1,232 @@
+"""Text→video maps (Neural OT, L2 regression) and the paired alignment metrics used to select them."""
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pisces_rl.ot import L2RegressionMap, NeuralOTMap, distance_spearman, load_map, mutual_knn
+
+D = 8
+
+
+def brenier_pairs(n=512, seed=0):
+    """Text-like unit vectors ``y`` and "videos" ``x = A y + s``, ``A = Q diag(λ) Qᵀ`` (random rotation ``Q``).
+
+    ``y ↦ A y + s`` is the gradient of the convex ``½ yᵀA y + sᵀy``, so by Brenier's theorem it *is* the
+    quadratic-cost OT map from the text distribution to the video distribution: unpaired Neural OT can recover
+    the pairing. (A pure rotation is not such a gradient, so no OT map could recover it from unpaired samples.)
+    """
+    gen = torch.Generator().manual_seed(seed)
+    y = F.normalize(torch.randn(n, D, generator=gen), dim=-1)
+    q, _ = torch.linalg.qr(torch.randn(D, D, generator=gen))
+    a = q @ torch.diag(torch.logspace(-0.7, 0.7, D)) @ q.T
+    return y, y @ a.T + 0.5 * torch.randn(D, generator=gen)
+
+
+def held_out(n, val_fraction, seed):
+    """The held-out indices ``fit`` documents: the first round(val_fraction * n) of a seeded permutation."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:round(val_fraction * n)]
+
+
+@pytest.fixture(scope="module")
+def fitted_ot_map():
+    text, video = brenier_pairs()
+    torch.manual_seed(0)
+    ot_map = NeuralOTMap(dim=D, hidden=32)
+    history = ot_map.fit(text, video, steps=200, lr=3e-3, val_fraction=0.25, eval_every=40, seed=0,
+                         progress=False)
+    return ot_map, history, text, video
+
+
+# -- metrics -------------------------------------------------------------------------------------------------------
+
+def unit(*degrees):
+    rad = torch.tensor(degrees, dtype=torch.float64) * math.pi / 180
+    return torch.stack([rad.cos(), rad.sin()], dim=1)
+
+
+def test_mutual_knn_hand_checked():
+    a, b = unit(0, 10, 90, 100), unit(0, 80, 90, 170)
+    # cosine nearest neighbours: a -> [1, 0, 3, 2], b -> [1, 2, 1, 2]; items 0 and 3 agree
+    assert mutual_knn(a, b, k=1) == 0.5
+    # 2-NN sets: a -> {1,2},{0,2},{1,3},{1,2}; b -> {1,2},{0,2},{1,3},{1,2}
+    assert mutual_knn(a, b, k=2) == 1.0
+    x = torch.randn(200, 16, generator=torch.Generator().manual_seed(0))
+    q, _ = torch.linalg.qr(torch.randn(16, 16, generator=torch.Generator().manual_seed(1)))
+    assert mutual_knn(x, 3.0 * x @ q, k=10) == 1.0  # rotation and scale keep cosine neighbourhoods
+    unrelated = torch.randn(200, 16, generator=torch.Generator().manual_seed(2))
+    assert mutual_knn(x, unrelated, k=10) < 0.2  # chance level is k / (N - 1) = 0.05
+
+
+def test_distance_spearman_hand_checked():
+    x = torch.tensor([[0.0], [1.0], [3.0]])  # distances (01, 02, 12) = 1, 3, 2 -> ranks 1, 3, 2
+    y = torch.tensor([[0.0], [2.0], [3.0]])  # distances 2, 3, 1 -> ranks 2, 3, 1
+    assert distance_spearman(x, y) == pytest.approx(0.5)  # centred ranks (-1, 1, 0) . (0, 1, -1) / 2
+    assert distance_spearman(x, -2 * x + 7) == pytest.approx(1.0)
+    assert math.isnan(distance_spearman(x, torch.zeros(3, 2)))
+
+
+def test_distance_spearman_ties_match_scipy():
+    from scipy.stats import spearmanr
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 3, (12, 2), generator=gen).double()  # many tied distances
+    y = x + torch.randint(0, 2, (12, 2), generator=gen).double()
+    expected = spearmanr(torch.pdist(x).numpy(), torch.pdist(y).numpy()).statistic
+    assert distance_spearman(x, y) == pytest.approx(expected, abs=1e-12)
+
+
+def test_metric_errors():
+    with pytest.raises(ValueError, match=r"1 <= k < N = 4"):
+        mutual_knn(torch.randn(4, 2), torch.randn(4, 2), k=4)
+    with pytest.raises(ValueError, match="same N"):
+        mutual_knn(torch.randn(4, 2), torch.randn(5, 2), k=1)
+    with pytest.raises(ValueError, match="at least 3 pairs"):
+        distance_spearman(torch.randn(2, 2), torch.randn(2, 2))
+
+
+# -- Neural OT map -------------------------------------------------------------------------------------------------
+
+def test_architecture_and_call():
+    ot_map = NeuralOTMap(dim=6, hidden=10)
+    linears = [m for m in ot_map.transport if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(6, 10), (10, 10), (10, 6)]
+    assert sum(isinstance(m, torch.nn.LayerNorm) for m in ot_map.transport) == 2
+    assert ot_map.critic[-1].out_features == 1
+    text = torch.randn(4, 6)
+    out = ot_map(text)
+    assert out.shape == (4, 6) and out.requires_grad
+    torch.testing.assert_close(ot_map(7.0 * text), out)  # the map L2-normalises its input
+    torch.testing.assert_close(ot_map(text[0]), out[0])
+    with torch.no_grad():
+        assert not ot_map(text).requires_grad
+    double = text.double().requires_grad_()
+    mapped = ot_map(double)
+    assert mapped.dtype == torch.float64
+    mapped.sum().backward()
+    assert double.grad is not None and double.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match=r"expects text embeddings \[B, 6\]"):
+        ot_map(torch.randn(4, 5))
+
+
+def test_fit_improves_held_out_alignment(fitted_ot_map):
+    ot_map, history, text, video = fitted_ot_map
+    assert [e["step"] for e in history["eval"]] == [40, 80, 120, 160, 200]
+    assert history["num_val"] == 128 and history["num_train"] == 384
+    assert set(history["train"][0]) == {"step", "loss_T", "loss_f"}
+    identity, best = history["identity"], history["best"]
+    assert best["mknn"] > identity["mknn"] + 0.15, (identity, best)
+    assert best["spearman"] > identity["spearman"] + 0.1, (identity, best)
+
+
+def test_fit_restores_the_best_checkpoint():
+    text, video = brenier_pairs(n=64, seed=3)
+    torch.manual_seed(0)
+    ot_map = NeuralOTMap(dim=D, hidden=16)
+    history = ot_map.fit(text, video, steps=10, lr=3e-2, k_t=2, batch_size=32, val_fraction=0.25, eval_every=1,
+                         seed=0, progress=False)  # a large step size: held-out mKNN peaks early, then drops
+    scores = [e["mknn"] for e in history["eval"]]
+    best = history["best"]
+    assert best["mknn"] == max(scores) and best["step"] < 10 and scores[-1] < best["mknn"]
+    val = held_out(len(text), 0.25, seed=0)
+    with torch.no_grad():
+        assert mutual_knn(ot_map(text[val]), video[val], k=10) == best["mknn"]
+
+
+def test_save_and_load_round_trip(fitted_ot_map, tmp_path):
+    ot_map = fitted_ot_map[0]
+    ot_map.save_pretrained(tmp_path / "map")
+    assert sorted(p.name for p in (tmp_path / "map").iterdir()) == ["config.json", "model.safetensors"]
+    config = json.loads((tmp_path / "map" / "config.json").read_text())
+    assert config == {"map_type": "NeuralOTMap", "dim": D, "hidden": 32, "input_normalization": "l2"}
+    loaded = NeuralOTMap.from_pretrained(tmp_path / "map")
+    assert not loaded.training
+    probe = torch.randn(16, D)
+    with torch.no_grad():
+        assert torch.equal(loaded(probe), ot_map(probe))
+        assert torch.equal(loaded.potential(probe), ot_map.potential(probe))
+    assert isinstance(load_map(tmp_path / "map"), NeuralOTMap)
+    with pytest.raises(ValueError, match="holds a NeuralOTMap, not a L2RegressionMap"):
+        L2RegressionMap.from_pretrained(tmp_path / "map")
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        NeuralOTMap.from_pretrained(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        NeuralOTMap.from_pretrained(tmp_path / "empty")
+    NeuralOTMap(dim=4, hidden=8).save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="has no model.safetensors"):
+        NeuralOTMap.from_pretrained(tmp_path / "m")
+    NeuralOTMap(dim=4, hidden=8).save_pretrained(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "hidden": 16}))
+    with pytest.raises(ValueError, match="does not match its config.json"):
+        NeuralOTMap.from_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_map(tmp_path / "m")
+
+
+def test_fit_errors():
+    ot_map = NeuralOTMap(dim=4, hidden=8)
+    text, video = torch.randn(20, 4), torch.randn(20, 4)
+    with pytest.raises(ValueError, match=r"text_embeddings \[N, 4\]"):
+        ot_map.fit(torch.randn(20, 5), video, steps=1)
+    with pytest.raises(ValueError, match="20 texts and 19 videos"):
+        ot_map.fit(text, video[:19], steps=1)
+    with pytest.raises(ValueError, match=r"need >= 3 held-out \(or val_fraction=0"):
+        ot_map.fit(text, video, steps=1, val_fraction=0.05)
+    with pytest.raises(ValueError, match="k_t must be a positive integer"):
+        ot_map.fit(text, video, steps=1, k_t=0)
+    with pytest.raises(ValueError, match="steps >= 1"):
+        ot_map.fit(text, video, steps=0)
+    with pytest.raises(ValueError, match="NaN/inf"):
+        ot_map.fit(text, video.masked_fill(video > 1, float("nan")), steps=1)
+
+
+def test_fit_without_validation_and_progress_bar(capsys):
+    ot_map = NeuralOTMap(dim=4, hidden=8)
+    before = [p.clone() for p in ot_map.transport.parameters()]
+    history = ot_map.fit(torch.randn(20, 4), torch.randn(20, 4), steps=3, batch_size=8, k_t=2, val_fraction=0.0)
+    assert history["eval"] == [] and "best" not in history and history["num_train"] == 20
+    assert any(not torch.equal(p, q) for p, q in zip(before, ot_map.transport.parameters()))
+    assert "fit NeuralOTMap" in capsys.readouterr().err
+
+
+# -- L2 regression baseline ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("hidden", [0, 32])
+def test_l2_regression_same_interface(hidden, tmp_path):
+    text, video = brenier_pairs(seed=1)
+    torch.manual_seed(0)
+    reg = L2RegressionMap(dim=D, hidden=hidden)
+    history = reg.fit(text, video, steps=600, lr=3e-2, val_fraction=0.25, eval_every=100, progress=False)
+    assert set(history["train"][0]) == {"step", "loss"}
+    assert history["best"]["mknn"] > history["identity"]["mknn"] + 0.15
+    if hidden == 0:  # the data are an affine map of the normalised text: linear regression recovers it
+        assert history["best"]["mknn"] > 0.95
+    reg.save_pretrained(tmp_path / "l2")
+    loaded = load_map(tmp_path / "l2")
+    assert isinstance(loaded, L2RegressionMap) and loaded.hidden == hidden
+    with torch.no_grad():
+        assert torch.equal(loaded(text[:5]), reg(text[:5]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_map_on_cuda_returns_on_input_device(tmp_path):
+    ot_map = NeuralOTMap(dim=4, hidden=8)
+    ot_map.save_pretrained(tmp_path / "m")
+    on_gpu = NeuralOTMap.from_pretrained(tmp_path / "m", device="cuda")
+    text = torch.randn(3, 4)
+    with torch.no_grad():
+        out = on_gpu(text)
+        assert out.device.type == "cpu"
+        torch.testing.assert_close(out, ot_map.eval()(text), rtol=1e-4, atol=1e-5)
+        assert on_gpu(text.cuda()).device.type == "cuda"
+    on_gpu.fit(torch.randn(30, 4), torch.randn(30, 4), steps=2, batch_size=8, progress=False)
