@@ -9,9 +9,11 @@ Phases (median seconds over ``--repeats``, same process, measured interleaved so
                      prompts, frames, size, steps and CFG: the diffusers sampler, the baseline;
 * ``denoise`` / ``plain_denoise`` -- the same two without the VAE decode (``output_type="latent"``);
 * ``decode``      -- ``policy.decode`` of the final latents alone;
-* ``reward`` / ``update`` -- hooks (:func:`time_reward`, :func:`time_update`) that return None until filled in.
+* ``reward``      -- both PISCES rewards (quality + token-level semantic OT) on the tiny encoder;
+* ``update``      -- one inner epoch of clipped-surrogate updates (every trained timestep, optimizer steps).
 
-The target is ``sample / plain_pipe <= 1.15``: recording the trajectory must be nearly free.
+Targets: ``sample / plain_pipe <= 1.15`` (recording the trajectory is nearly free) and
+``reward / (sample + reward + update) < 15 %``.
 """
 from __future__ import annotations
 
@@ -20,30 +22,34 @@ import os
 import statistics
 import sys
 import time
-from types import SimpleNamespace
 from typing import Callable, Dict, List, Optional
 
 import torch
 
-from pisces_rl.models import build_policy, build_tiny_wan_pipeline
+from pisces_rl.models import build_tiny_wan_pipeline
 from pisces_rl.rollout import Rollout, sample_rollout
 
 PROMPTS = ["two red squares moving left", "a blue circle moving up", "three green triangles", "a yellow star"]
 
 
 def make_setup(args: argparse.Namespace):
-    """The policy, a plain pipeline with the same base weights, a SamplingConfig-like object, the prompts."""
-    model_cfg = SimpleNamespace(pretrained="tiny", family="wan", dtype="fp32", lora_rank=8, lora_alpha=8,
-                                lora_target_modules=["to_q", "to_k", "to_v", "to_out.0"], lora_path=None,
-                                gradient_checkpointing=False, seed=0)
-    sampling = SimpleNamespace(num_frames=args.frames, height=args.size, width=args.size,
-                               num_inference_steps=args.steps, guidance_scale=args.guidance, eta=0.25,
-                               train_timestep_fraction=1.0, decode_chunk_size=0, negative_prompt="",
-                               max_sequence_length=32)
-    policy = build_policy(model_cfg, device=args.device)
+    """A GRPOTrainer on the tiny model (policy + both OT rewards on the tiny encoder), a plain pipeline with the
+    same base weights, the sampling config and the prompts."""
+    import tempfile
+
+    from pisces_rl.config import GRPOConfig, load_config
+    from pisces_rl.trainer import GRPOTrainer
+
+    cfg = load_config(GRPOConfig, overrides={
+        "output_dir": tempfile.mkdtemp(prefix="bench_grpo_"), "logging.report_to": "none",
+        "sampling.num_frames": args.frames, "sampling.height": args.size, "sampling.width": args.size,
+        "sampling.num_inference_steps": args.steps, "sampling.guidance_scale": args.guidance,
+        "train.prompts_per_step": 1, "train.group_size": args.batch, "train.sample_batch_size": args.batch,
+        "train.train_batch_size": args.batch, "rewards.weights": {"ot_quality": 1.0, "ot_semantic": 1.0}})
+    trainer = GRPOTrainer(cfg, prompts=PROMPTS)
     plain = build_tiny_wan_pipeline(seed=0).to(args.device)  # no LoRA: the untouched diffusers pipeline
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch)]
-    return policy, plain, sampling, prompts
+    return trainer, plain, cfg.sampling, prompts
 
 
 def time_sample(policy, sampling, prompts, decode: bool = True) -> float:
@@ -70,14 +76,18 @@ def time_decode(policy, latents: torch.Tensor) -> float:
     return _sync(start, policy)
 
 
-def time_reward(videos: torch.Tensor, prompts: List[str]) -> Optional[float]:
-    """Hook: seconds to score ``videos [B, F, C, H, W]`` with the configured RewardServer (None = not timed)."""
-    return None
+def time_reward(trainer, videos: torch.Tensor, prompts: List[str]) -> float:
+    """Seconds to score ``videos [B, F, C, H, W]`` with the trainer's RewardServer (both OT rewards)."""
+    start = time.perf_counter()
+    trainer.rewards(videos, prompts)
+    return time.perf_counter() - start
 
 
-def time_update(policy, rollout: Rollout) -> Optional[float]:
-    """Hook: seconds of one inner epoch of clipped updates over ``rollout`` (None = not timed)."""
-    return None
+def time_update(trainer, rollout: Rollout, advantages: torch.Tensor) -> float:
+    """Seconds of one inner epoch of clipped updates over ``rollout`` (every trained timestep, optimizer steps)."""
+    start = time.perf_counter()
+    trainer.update(rollout, advantages)
+    return _sync(start, trainer.policy)
 
 
 def _sync(start: float, policy) -> float:
@@ -87,8 +97,10 @@ def _sync(start: float, policy) -> float:
 
 
 def run(args: argparse.Namespace) -> Dict[str, Optional[float]]:
-    policy, plain, sampling, prompts = make_setup(args)
+    trainer, plain, sampling, prompts = make_setup(args)
+    policy = trainer.policy
     rollout = sample_rollout(policy, prompts, sampling, generator=torch.Generator().manual_seed(0))
+    advantages = torch.randn(len(rollout), generator=torch.Generator().manual_seed(1)).clamp(-5, 5)
     final = rollout.latents[:, -1]
     phases: Dict[str, Callable[[], Optional[float]]] = {
         "sample": lambda: time_sample(policy, sampling, prompts),
@@ -96,8 +108,8 @@ def run(args: argparse.Namespace) -> Dict[str, Optional[float]]:
         "denoise": lambda: time_sample(policy, sampling, prompts, decode=False),
         "plain_denoise": lambda: time_plain_pipe(plain, sampling, prompts, decode=False),
         "decode": lambda: time_decode(policy, final),
-        "reward": lambda: time_reward(rollout.videos, rollout.prompts),
-        "update": lambda: time_update(policy, rollout),
+        "reward": lambda: time_reward(trainer, rollout.videos, rollout.prompts),
+        "update": lambda: time_update(trainer, rollout, advantages),
     }
     for fn in phases.values():  # warm-up
         fn()
@@ -126,11 +138,14 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
     result = run(args)
     for name, seconds in result.items():
-        shown = "n/a (hook not filled in)" if seconds is None else f"{seconds * 1e3:9.1f} ms"
+        shown = f"{seconds * 1e3:9.1f} ms"
         print(f"  {name:<14} {shown}")
     ratio = result["sample"] / result["plain_pipe"]
     print(f"  sample / plain_pipe        = {ratio:.3f}x  (goal <= 1.15x)")
     print(f"  denoise / plain_denoise    = {result['denoise'] / result['plain_denoise']:.3f}x")
+    step = result["sample"] + result["reward"] + result["update"]
+    print(f"  GRPO step = sample + reward + update = {step * 1e3:.1f} ms: sample {result['sample'] / step:.1%}, "
+          f"reward {result['reward'] / step:.1%} (goal < 15%), update {result['update'] / step:.1%}")
     return 0
 
 
