@@ -19,7 +19,8 @@ from pisces_rl.trainer import GRPOTrainer
 
 def main(argv: list[str] | None = None) -> dict:
     config = parse_cli(GRPOConfig, sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pisces_rl").setLevel(logging.INFO)
     trainer = GRPOTrainer(config)
     return trainer.train()
 

@@ -307,6 +307,8 @@ class GRPOTrainer:
             with open(os.path.join(self.config.output_dir, "summary.json"), "w") as f:
                 json.dump(summary, f, indent=2, default=float)
             print(format_summary(metrics))
+            print(f"run directory: {self.config.output_dir}  (samples/, lora/, checkpoints/, summary.json; "
+                  f"tensorboard --logdir {self.config.output_dir})")
         acc.end_training()
 
 
