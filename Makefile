@@ -11,10 +11,10 @@ ACCEL   ?= recipes/accelerate/single.yaml
 ARGS    ?=
 PYTEST_ARGS ?=
 
-.PHONY: help install test test-slow test-gpu train-grpo bench clean
+.PHONY: help install test test-slow test-gpu train-grpo train-backprop world bench clean
 
 help:  ## list targets
-	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-15s %s\n", $$1, $$2}'
 	@echo "  variables: CONFIG=$(CONFIG) ACCEL=$(ACCEL) ARGS='key=value ...'"
 
 install: $(STAMP)  ## create .venv/ with pip and install pisces_rl (editable) + dev extras
@@ -37,6 +37,13 @@ test-gpu: install  ## GPU tests (needs CUDA)
 
 train-grpo: install  ## GRPO post-training (default: embedded tiny CPU run); CONFIG=, ACCEL=, ARGS=
 	$(VENV)/bin/accelerate launch --config_file $(ACCEL) $(RECIPE) --config $(CONFIG) $(ARGS)
+
+train-backprop: install  ## direct reward backprop + consistency distillation (default: tiny CPU run); CONFIG=, ACCEL=, ARGS=
+	$(VENV)/bin/accelerate launch --config_file $(ACCEL) recipes/backprop_short_video.py \
+		--config $(if $(filter command line environment,$(origin CONFIG)),$(CONFIG),recipes/configs/backprop_tiny_cpu.yaml) $(ARGS)
+
+world: install  ## build ShapesWorld (encoder, OT maps, base model) into .cache/shapes_world; WORLD_ARGS='--profile quick --force'
+	$(PY) -m pisces_rl.cli world build $(WORLD_ARGS)
 
 bench: install  ## run the benchmarks in benchmarks/
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

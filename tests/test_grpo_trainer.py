@@ -100,3 +100,22 @@ def test_bad_group_arithmetic_is_one_clear_error(tmp_path):
 
     with pytest.raises(ConfigError, match="sample_batch_size"):
         GRPOTrainer(tiny_config(tmp_path, "train.group_size=3"), rewards={"b": mean_brightness})
+
+
+def test_before_after_evaluation_with_a_judge(tmp_path):
+    cfg = tiny_config(tmp_path, "train.max_steps=1", "logging.judge=shapesbench", "data.eval_source=builtin:tiny",
+                      "data.num_eval_prompts=3")
+    trainer = GRPOTrainer(cfg, rewards={"brightness": mean_brightness})
+    assert len(trainer.eval_prompts) == 3
+    trainer.train()
+    import json
+
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    evaluation = summary["eval"]
+    for key in ("judge/total", "judge/quality", "judge/semantic", "reward/brightness", "reward/total"):
+        assert set(evaluation[key]) == {"before", "after"}, key
+        assert 0.0 <= evaluation["judge/total"]["before"] <= 1.0
+    assert (tmp_path / "before_after.gif").exists() and (tmp_path / "reward_curve.png").exists()
+    # "before" is the base model: evaluating it again with the LoRA disabled reproduces it exactly
+    again = trainer.evaluate(base_model=True).metrics
+    assert again["judge/total"] == evaluation["judge/total"]["before"]

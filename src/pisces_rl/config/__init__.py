@@ -9,6 +9,7 @@
 from .base import ConfigBase, ConfigError, config_keys, option, require, section, validate_config
 from .grpo import (CheckpointConfig, DataConfig, GRPOConfig, LoggingConfig, ModelConfig, RewardsConfig,
                    SamplingConfig, TrainConfig, batch_arithmetic)
+from .backprop import BackpropConfig, BackpropTrainConfig, backprop_batch_arithmetic
 from .loader import apply_overrides, describe, load_config, load_yaml, parse_cli, save_yaml, to_dict
 
 __all__ = [
@@ -16,4 +17,5 @@ __all__ = [
     "load_config", "apply_overrides", "load_yaml", "parse_cli", "describe", "to_dict", "save_yaml",
     "GRPOConfig", "ModelConfig", "SamplingConfig", "RewardsConfig", "TrainConfig", "DataConfig",
     "LoggingConfig", "CheckpointConfig", "batch_arithmetic",
+    "BackpropConfig", "BackpropTrainConfig", "backprop_batch_arithmetic",
 ]

@@ -19,10 +19,11 @@ from typing import Optional
 from .base import ConfigBase, ConfigError, option, require, section
 
 __all__ = ["train_timesteps_per_video", "ModelConfig", "SamplingConfig", "RewardsConfig", "TrainConfig", "DataConfig", "LoggingConfig",
-           "CheckpointConfig", "GRPOConfig", "batch_arithmetic", "MODEL_SOURCES", "ENCODER_SOURCES"]
+           "CheckpointConfig", "GRPOConfig", "batch_arithmetic", "MODEL_SOURCES", "ENCODER_SOURCES", "OT_MAP_SOURCES"]
 
 MODEL_SOURCES = ("tiny", "shapes")  # model.pretrained names resolved in code, not on disk
-ENCODER_SOURCES = ("tiny",)  # rewards.encoder names resolved in code
+ENCODER_SOURCES = ("tiny", "shapes")  # rewards.encoder names resolved in code
+OT_MAP_SOURCES = ("shapes", "shapes:l2")  # rewards.ot_map names of the ShapesWorld maps (neural OT / L2 baseline)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -111,8 +112,10 @@ class RewardsConfig(ConfigBase):
 
     weights: dict[str, float] = option({"ot_quality": 1.0, "ot_semantic": 1.0},
                                        "reward name or 'pkg.module:function' -> weight in the total reward")
-    encoder: str = option("tiny", "BLIP-ITM video-text encoder directory or hub id; 'tiny' = random in-code encoder")
-    ot_map: Optional[str] = option(None, "NeuralOTMap directory for ot_quality (null = raw text [CLS], no map)")
+    encoder: str = option("tiny", "BLIP-ITM video-text encoder directory or hub id; 'tiny' = random in-code encoder, "
+                                  "'shapes' = the ShapesWorld encoder (`make world`)")
+    ot_map: Optional[str] = option(None, "NeuralOTMap directory for ot_quality (null = raw text [CLS], no map); "
+                                         "'shapes' / 'shapes:l2' = the ShapesWorld neural OT / L2 map")
     use_ot: bool = option(True, "false = raw [CLS] cosine and vanilla attention (the 'w/o OT' ablation)")
     gamma: float = option(0.2, "weight of the temporal term of the token-level OT cost")
     eta: float = option(0.2, "weight of the spatial term of the token-level OT cost")
@@ -121,6 +124,8 @@ class RewardsConfig(ConfigBase):
     num_frames: Optional[int] = option(None, "frames given to the reward, uniformly subsampled (null = all)")
     temporal_windows: int = option(1, "> 1: score that many windows of num_frames frames and average")
     max_batch_size: int = option(8, "videos per reward call")
+    max_frames_per_call: Optional[int] = option(None, "at most this many frames (videos x frames) per reward call; "
+                                                      "long videos then go in smaller chunks (null = no cap)")
     on_error: str = option("raise", "a failing reward stops the run (raise) or scores NaN and is counted (skip)",
                            choices=("raise", "skip"))
 
@@ -130,12 +135,14 @@ class RewardsConfig(ConfigBase):
             require(name.strip() != "", "weights", "has an empty reward name")
             require(math.isfinite(weight), f"weights.{name}", f"must be a finite number, got {weight}")
         _check_source("encoder", self.encoder, ENCODER_SOURCES, "encoder directory")
-        _check_source("ot_map", self.ot_map, (), "OT map directory")
+        _check_source("ot_map", self.ot_map, OT_MAP_SOURCES, "OT map directory")
         _positive(self, "gamma", "eta", zero_ok=True)
         _positive(self, "epsilon", "temporal_windows", "max_batch_size")
         require(0 < self.mass <= 1, "mass", f"must be in (0, 1], got {self.mass}")
         require(self.num_frames is None or self.num_frames >= 1, "num_frames", f"must be >= 1 or null, got "
                 f"{self.num_frames}")
+        require(self.max_frames_per_call is None or self.max_frames_per_call >= 1, "max_frames_per_call",
+                f"must be >= 1 or null, got {self.max_frames_per_call}")
         require(self.temporal_windows == 1 or self.num_frames is not None, "temporal_windows",
                 "> 1 needs rewards.num_frames (the window length)")
 
@@ -186,13 +193,18 @@ class DataConfig(ConfigBase):
     prompts: str = option("builtin:tiny", "prompt source: .txt/.jsonl/.json/.csv/.parquet file, 'vbench', "
                                           "'vbench:<dimension>' or 'builtin:<name>'")
     prompt_column: str = option("prompt", "column holding the prompt in table files")
-    eval_prompts: list[str] = option([], "fixed prompts for sample videos ([] = first prompts of the dataset)")
-    num_eval_prompts: int = option(2, "how many dataset prompts to use when eval_prompts is empty")
+    eval_prompts: list[str] = option([], "fixed prompts for evaluation and sample videos ([] = taken from "
+                                         "eval_source, else the first prompts of the dataset)")
+    eval_source: Optional[str] = option(None, "prompt source (as `prompts`) of the evaluation prompts when "
+                                              "eval_prompts is empty, e.g. a held-out split")
+    num_eval_prompts: int = option(2, "how many prompts to take from eval_source / the dataset")
 
     def _check(self) -> None:
         require(self.prompts.strip() != "", "prompts", "is empty; use e.g. 'builtin:tiny' or a .txt file")
         require(self.prompt_column.strip() != "", "prompt_column", "is empty")
         require(all(p.strip() for p in self.eval_prompts), "eval_prompts", "contains an empty prompt")
+        require(self.eval_source is None or self.eval_source.strip() != "", "eval_source",
+                "is empty; use null or a prompt source such as 'builtin:tiny'")
         _positive(self, "num_eval_prompts")
 
 
@@ -205,8 +217,12 @@ class LoggingConfig(ConfigBase):
     sample_every: int = option(0, "iterations between sample videos (0 = only at the end)")
     video_format: str = option("gif", "file format of sample videos", choices=("gif", "mp4"))
     project_name: str = option("pisces_rl", "tracker project name")
+    judge: str = option("none", "programmatic judge of the evaluation videos, never seen by a reward: 'none', "
+                                "'shapesbench' (ShapesWorld) or 'package.module:function'")
 
     def _check(self) -> None:
+        require(self.judge in ("none", "shapesbench") or ":" in self.judge, "judge",
+                f"{self.judge!r} is not 'none', 'shapesbench' or an import path 'package.module:function'")
         _positive(self, "log_every")
         _positive(self, "sample_every", zero_ok=True)
         require(self.project_name.strip() != "", "project_name", "is empty")

@@ -12,9 +12,13 @@ __all__ = ["VideoTextEncoder", "TextFeatures", "VideoFeatures", "AttentionFuser"
 
 def load_encoder(spec, num_frames=None, device=None, dtype=None):
     """``"tiny"`` (or ``"tiny:SEED"``) → :meth:`BlipVideoTextEncoder.tiny`; a directory → ``from_pretrained``;
-    an encoder object is returned as is. Frozen in every case."""
+    ``"shapes"`` → the ShapesWorld encoder built by ``make world``; an encoder object is returned as is.
+    Frozen in every case."""
     if not isinstance(spec, str):
         return spec
+    if spec == "shapes":
+        from pisces_rl.worlds.shapes.build import resolve_world_name
+        spec = resolve_world_name(spec, "encoder")
     if spec == "tiny" or spec.startswith("tiny:"):
         seed = int(spec.partition(":")[2] or 0)
         encoder = BlipVideoTextEncoder.tiny(seed=seed, num_frames=num_frames)

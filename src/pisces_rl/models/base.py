@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple, Union
 
 import torch
+import torch.utils.checkpoint
 
 from . import lora as _lora
 
@@ -56,6 +57,14 @@ class ModelFamily(Protocol):
 
     def decode(self, pipe: Any, latents: torch.Tensor) -> torch.Tensor:
         """``[B, C, F, h, w]`` latents -> ``[B, F, C, H, W]`` videos in [0, 1] (differentiable)."""
+
+    def encode(self, pipe: Any, videos: torch.Tensor) -> torch.Tensor:
+        """``[B, F, C, H, W]`` videos in [0, 1] -> ``[B, C, F, h, w]`` latents (the VAE posterior mean in the
+        denoiser's latent space, so that ``decode(encode(v))`` reconstructs ``v``). Optional: only training on
+        a dataset of videos needs it."""
+
+    def decode_checkpointed(self, pipe: Any, latents: torch.Tensor) -> torch.Tensor:
+        """Optional: :meth:`decode`, recomputed piecewise (e.g. per latent frame) in backward to save memory."""
 
 
 _FAMILIES: Dict[str, Callable[[], ModelFamily]] = {}
@@ -241,16 +250,44 @@ class VideoPolicy:
             return uncond + guidance_scale * (cond - uncond)
         return self.family.forward(self.pipeline, self.denoiser, x, t, prompt_embeds).float()
 
-    def decode(self, latents: torch.Tensor, chunk_size: int = 0) -> torch.Tensor:
+    def encode(self, videos: torch.Tensor, chunk_size: int = 0) -> torch.Tensor:
+        """``[B, F, C, H, W]`` videos in [0, 1] -> ``[B, C, F, h, w]`` float32 latents (VAE posterior mean).
+
+        ``chunk_size`` videos go through the VAE at a time (0 = all at once). Raises ``ValueError`` for a
+        frame count or size :meth:`latent_shape` rejects, or a family without a VAE encoder.
+        """
+        if not hasattr(self.family, "encode"):
+            raise ValueError(f"model family {self.family.name!r} has no `encode`; training on a video dataset needs "
+                             "one (add `encode(pipe, videos)` to its ModelFamily) or use latents from generation")
+        if videos.dim() != 5:
+            raise ValueError(f"videos must be [B, F, C, H, W] in [0, 1], got shape {tuple(videos.shape)}")
+        if chunk_size < 0:
+            raise ValueError(f"encode chunk size must be >= 0, got {chunk_size}")
+        b, f, _, h, w = videos.shape
+        self.latent_shape(b, f, h, w)  # validates the frame count and size
+        step = chunk_size or b
+        return torch.cat([self.family.encode(self.pipeline, c).float() for c in videos.split(step)], dim=0)
+
+    def decode(self, latents: torch.Tensor, chunk_size: int = 0, checkpoint: bool = False) -> torch.Tensor:
         """``[B, C, F, h, w]`` latents -> ``[B, F, C, H, W]`` float32 videos in [0, 1].
 
         ``chunk_size`` videos go through the VAE at a time (0 = all at once). Differentiable; wrap the
-        call in ``torch.no_grad()`` when no gradient is needed.
+        call in ``torch.no_grad()`` when no gradient is needed. ``checkpoint=True`` (used when gradients are
+        recorded) recomputes the decode during backward instead of storing its activations: one latent frame
+        at a time with the family's ``decode_checkpointed`` if it has one, else one chunk at a time.
         """
         if chunk_size < 0:
             raise ValueError(f"decode chunk size must be >= 0, got {chunk_size}")
         step = chunk_size or latents.shape[0]
-        return torch.cat([self.family.decode(self.pipeline, c).float() for c in latents.split(step)], dim=0)
+
+        def decode(chunk: torch.Tensor) -> torch.Tensor:
+            if not (checkpoint and torch.is_grad_enabled()):
+                return self.family.decode(self.pipeline, chunk)
+            if hasattr(self.family, "decode_checkpointed"):
+                return self.family.decode_checkpointed(self.pipeline, chunk)
+            return torch.utils.checkpoint.checkpoint(self.family.decode, self.pipeline, chunk, use_reentrant=False)
+
+        return torch.cat([decode(c).float() for c in latents.split(step)], dim=0)
 
 
 def build_policy(model_cfg: Any, device: Optional[Union[str, torch.device]] = None) -> VideoPolicy:
@@ -272,6 +309,9 @@ def build_policy(model_cfg: Any, device: Optional[Union[str, torch.device]] = No
     if pretrained == "tiny":
         pipe = family.build_tiny_pipeline(seed=int(get("seed", 0)))
     else:
+        if pretrained == "shapes":  # the ShapesWorld base model built by `make world`
+            from pisces_rl.worlds.shapes.build import resolve_world_name
+            pretrained = resolve_world_name(pretrained, "model")
         pipe = family.load_pipeline(pretrained, torch_dtype=dtype)
     return VideoPolicy(
         pipe, family, lora_rank=get("lora_rank", 8), lora_alpha=get("lora_alpha", 8),

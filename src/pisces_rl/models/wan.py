@@ -91,6 +91,38 @@ class WanFamily:
         return denoiser(hidden_states=latents, timestep=timestep, encoder_hidden_states=prompt_embeds,
                         return_dict=False)[0]
 
+    def encode(self, pipe: Any, videos: torch.Tensor) -> torch.Tensor:
+        vae = pipe.vae
+        x = (videos.permute(0, 2, 1, 3, 4) * 2 - 1).to(device=vae.device, dtype=vae.dtype)  # [B, C, F, H, W] in [-1, 1]
+        moments = vae.encode(x, return_dict=False)[0].mode()                                # posterior mean
+        mean, std = _latent_stats(vae, x)
+        return (moments - mean) / std                                                       # inverse of decode's map
+
+    def decode_checkpointed(self, pipe: Any, latents: torch.Tensor) -> torch.Tensor:
+        """:meth:`decode` for back-propagating through the VAE: same values, but the backward pass recomputes
+        the decoder one latent frame (4 video frames) at a time, so the activations kept for it are one frame's
+        instead of the whole video's. The causal convolutions' caches (the last two frames of each layer's input)
+        are handed from one checkpointed segment to the next. VAE tiling, if enabled, is not used here."""
+        from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+        from torch.utils.checkpoint import checkpoint
+
+        vae = pipe.vae
+        z = latents.to(device=vae.device, dtype=vae.dtype)
+        mean, std = _latent_stats(vae, z)
+        x = vae.post_quant_conv(z * std + mean)
+        vae.clear_cache()
+        cache, frames = list(vae._feat_map), []
+        for i in range(x.shape[2]):
+            out, *cache = checkpoint(_decode_latent_frame, vae.decoder, x[:, :, i:i + 1], i == 0, *cache,
+                                     use_reentrant=False)
+            frames.append(out)
+        vae.clear_cache()
+        video = torch.cat(frames, dim=2)
+        if vae.config.patch_size is not None:
+            video = unpatchify(video, patch_size=vae.config.patch_size)
+        video = video.clamp(-1.0, 1.0)                                                      # as AutoencoderKLWan
+        return (video / 2 + 0.5).clamp(0, 1).permute(0, 2, 1, 3, 4)
+
     def decode(self, pipe: Any, latents: torch.Tensor) -> torch.Tensor:
         vae = pipe.vae
         z_dim = vae.config.z_dim
@@ -99,3 +131,18 @@ class WanFamily:
         std = torch.tensor(vae.config.latents_std, device=z.device, dtype=z.dtype).view(1, z_dim, 1, 1, 1)
         video = vae.decode(z * std + mean, return_dict=False)[0]  # [B, C, F, H, W] in [-1, 1]
         return (video / 2 + 0.5).clamp(0, 1).permute(0, 2, 1, 3, 4)
+
+
+def _latent_stats(vae: Any, like: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The VAE's per-channel latent ``(mean, std)``, each ``[1, z_dim, 1, 1, 1]`` on ``like``'s device/dtype."""
+    shape = (1, vae.config.z_dim, 1, 1, 1)
+    mean = torch.tensor(vae.config.latents_mean, device=like.device, dtype=like.dtype).view(shape)
+    std = torch.tensor(vae.config.latents_std, device=like.device, dtype=like.dtype).view(shape)
+    return mean, std
+
+
+def _decode_latent_frame(decoder: Any, x: torch.Tensor, first: bool, *cache: Any) -> tuple:
+    """One latent frame through the causal decoder: ``(frames, *updated caches)`` (a checkpointed segment)."""
+    cache = list(cache)
+    out = decoder(x, feat_cache=cache, feat_idx=[0], first_chunk=first)
+    return (out, *cache)

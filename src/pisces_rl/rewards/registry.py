@@ -150,6 +150,7 @@ _CONFIG_DEFAULTS: dict[str, Any] = {
     "num_frames": None,
     "temporal_windows": 1,
     "max_batch_size": 8,
+    "max_frames_per_call": None,
     "on_error": "raise",
 }
 
@@ -189,14 +190,16 @@ def _load_encoder(source: Any, device: Optional[torch.device]) -> Any:
 
 
 def _load_ot_map(path: str, device: Optional[torch.device]) -> Any:
-    from pisces_rl.ot.neural_map import NeuralOTMap
+    from pisces_rl.ot.neural_map import load_map
+    from pisces_rl.worlds.shapes.build import resolve_world_name
 
     try:
-        ot_map = NeuralOTMap.from_pretrained(path)
+        ot_map = load_map(resolve_world_name(path, "ot_map") or path)
     except Exception as exc:
         raise RewardError(
             f"could not load the OT map from rewards.ot_map={path!r} ({type(exc).__name__}: {exc}); point it at a "
-            "directory written by NeuralOTMap.save_pretrained, or set it to null to use raw text embeddings"
+            "directory written by NeuralOTMap.save_pretrained, 'shapes' after `make world`, or set it to null to use raw "
+            "text embeddings"
         ) from exc
     if isinstance(ot_map, torch.nn.Module):
         ot_map.eval().requires_grad_(False)
@@ -239,4 +242,4 @@ def build_reward_server(cfg: Any = None, device: Union[str, torch.device, None] 
         rewards[str(spec)] = (resolve_reward(spec, **options), weight)
     return RewardServer(rewards, max_batch_size=c.max_batch_size, on_error=c.on_error,
                         num_frames=c.num_frames, temporal_windows=c.temporal_windows,
-                        logger=logger, device=device)
+                        logger=logger, device=device, max_frames_per_call=c.max_frames_per_call)

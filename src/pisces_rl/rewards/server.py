@@ -15,7 +15,8 @@ Rules, in the order they apply:
 1. Frames. ``num_frames`` keeps that many uniformly spaced frames; ``temporal_windows = W > 1``
    scores ``W`` consecutive windows (``num_frames`` or ``F // W`` frames each) and averages the
    available window scores (see :mod:`pisces_rl.rewards.frames`).
-2. Calls. Each reward is called on chunks of at most ``max_batch_size`` videos, on its declared
+2. Calls. Each reward is called on chunks of at most ``max_batch_size`` videos (and, with
+   ``max_frames_per_call = M``, at most ``max(1, M // L)`` videos of ``L`` frames), on its declared
    ``device`` (else the device of its parameters for an ``nn.Module``, else the server's
    ``device``, else where the videos are). Keyword arguments given to the server are forwarded;
    those that hold one value per video (list/tuple of length ``B``, tensor with leading dim ``B``)
@@ -139,23 +140,30 @@ class RewardServer:
         on_error: ``"raise"`` or ``"skip"`` (see the module docstring).
         num_frames: frames fed to the rewards, uniformly subsampled; ``None`` = all.
         temporal_windows: ``W > 1`` averages the scores of ``W`` temporal windows.
+        max_frames_per_call: at most this many frames (videos x frames per video) per reward call, so
+            long videos are scored in smaller chunks; ``None`` = only ``max_batch_size`` limits a call.
         logger: ``logging.Logger`` for skip warnings (default ``pisces_rl.rewards``).
         device: default device for rewards that declare none (and offered to reward classes).
     """
 
     def __init__(self, rewards: Union[Mapping[str, Any], Sequence[Any]], max_batch_size: int = 8,
                  on_error: str = "raise", num_frames: Optional[int] = None, temporal_windows: int = 1,
-                 logger: Optional[logging.Logger] = None, *, device: Union[str, torch.device, None] = None):
+                 logger: Optional[logging.Logger] = None, *, device: Union[str, torch.device, None] = None,
+                 max_frames_per_call: Optional[int] = None):
         for value, what in ((max_batch_size, "max_batch_size"), (temporal_windows, "temporal_windows")):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{what} must be a positive integer, got {value!r}")
         if num_frames is not None and (isinstance(num_frames, bool) or not isinstance(num_frames, int)
                                        or num_frames < 1):
             raise ValueError(f"num_frames must be a positive integer or None (all frames), got {num_frames!r}")
+        if max_frames_per_call is not None and (isinstance(max_frames_per_call, bool)
+                                                or not isinstance(max_frames_per_call, int) or max_frames_per_call < 1):
+            raise ValueError(f"max_frames_per_call must be a positive integer or None, got {max_frames_per_call!r}")
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         self.max_batch_size, self.on_error = max_batch_size, on_error
         self.num_frames, self.temporal_windows = num_frames, temporal_windows
+        self.max_frames_per_call = max_frames_per_call
         self.logger = logger or logging.getLogger("pisces_rl.rewards")
         self.device = torch.device(device) if device is not None else None
         self._entries = self._build_entries(rewards)
@@ -195,6 +203,11 @@ class RewardServer:
     def names(self) -> list[str]:
         """Reward names, in column order of ``RewardOutput.scores``."""
         return [e.name for e in self._entries]
+
+    @property
+    def differentiable_names(self) -> list[str]:
+        """Rewards declaring ``differentiable=True``: their scores carry gradient in :meth:`differentiable`."""
+        return [e.name for e in self._entries if e.info.differentiable]
 
     @property
     def weights(self) -> Tensor:
@@ -291,8 +304,11 @@ class RewardServer:
         ``na`` [N] (not applicable) and ``bad`` [N] (skipped after an error) masks."""
         track = grad and entry.info.differentiable
         values, na_masks, bad_masks = [], [], []
-        for start in range(0, videos.shape[0], self.max_batch_size):
-            stop = min(start + self.max_batch_size, videos.shape[0])
+        per_call = self.max_batch_size
+        if self.max_frames_per_call is not None:
+            per_call = min(per_call, max(1, self.max_frames_per_call // max(1, videos.shape[1])))
+        for start in range(0, videos.shape[0], per_call):
+            stop = min(start + per_call, videos.shape[0])
             n = stop - start
             chunk_kwargs = {k: (v[start:stop] if sliced else v) for k, (v, sliced) in kwargs.items()}
             skip_all, failed = torch.ones(n, dtype=torch.bool), True

@@ -1,6 +1,7 @@
 """Trainer building blocks: advantages, losses, checkpoints, accelerate set-up, tracking.
 
-The GRPO loop (``GRPOTrainer``) is built from these pieces; see ``pisces_rl.trainer.grpo``.
+The GRPO loop (``GRPOTrainer``, ``pisces_rl.trainer.grpo``) and direct reward backprop (``BackpropTrainer``,
+``pisces_rl.trainer.backprop``) are built from these pieces.
 """
 from .accel import build_accelerator, gather_lora_state_dict, gradient_sync, is_deepspeed, zero_stage
 from .advantages import group_advantages, group_index
@@ -9,12 +10,13 @@ from .losses import clipped_policy_loss, gaussian_kl, pseudo_huber
 from .tracking import flatten_config, format_summary, init_trackers, plot_curve, save_video, save_video_grid
 
 from .grpo import GRPOTrainer
+from .backprop import BackpropTrainer
 
 __all__ = [
     "group_advantages", "group_index",
     "clipped_policy_loss", "gaussian_kl", "pseudo_huber",
     "save_checkpoint", "find_checkpoint", "load_checkpoint", "list_checkpoints", "config_hash",
     "build_accelerator", "is_deepspeed", "zero_stage", "gather_lora_state_dict", "gradient_sync",
-    "GRPOTrainer",
+    "GRPOTrainer", "BackpropTrainer",
     "init_trackers", "save_video", "save_video_grid", "plot_curve", "format_summary", "flatten_config",
 ]

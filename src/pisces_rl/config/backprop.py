@@ -1,0 +1,162 @@
+"""The direct-backprop run config (PISCES §1(d), second paradigm) and its batch arithmetic.
+
+The model, sampling, rewards, data, logging and checkpoint sections are the GRPO ones
+(:mod:`pisces_rl.config.grpo`); only ``train`` differs. Reward weights ``w_r`` (``w_q``, ``w_s`` of the
+paper) are ``rewards.weights``; the consistency-distillation weight ``w_cd`` is ``train.cd_weight``::
+
+    loss = w_cd * L_CD  -  sum_r w_r * R_r
+
+    cfg = load_config(BackpropConfig, "recipes/configs/backprop_tiny_cpu.yaml", ["train.max_steps=2"])
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+from .base import ConfigBase, ConfigError, option, require, section
+from .grpo import (CheckpointConfig, DataConfig, LoggingConfig, ModelConfig, RewardsConfig, SamplingConfig,
+                   _divisors, _positive)
+
+__all__ = ["BackpropTrainConfig", "BackpropConfig", "backprop_batch_arithmetic", "VIDEO_DATASETS"]
+
+VIDEO_DATASETS = ("shapes",)  # train.video_dataset names resolved in code
+
+
+@dataclass
+class BackpropTrainConfig(ConfigBase):
+    """Direct reward backprop with consistency distillation: data, loss and optimisation."""
+
+    max_steps: int = option(2, "optimiser steps (one per batch of prompts_per_step x group_size videos)")
+    prompts_per_step: int = option(2, "distinct prompts (or dataset videos) per step, all processes together")
+    group_size: int = option(2, "samples per prompt, each with its own noise and noise level; adaptive fusion "
+                                "normalises rewards within these groups")
+    sample_batch_size: int = option(4, "videos per rollout forward when latent_source=generated, per process")
+    train_batch_size: int = option(2, "videos per forward/backward micro-batch, per process (the memory knob)")
+    latent_source: str = option("generated", "where clean latents x0 come from: generated = sampled by the current "
+                                             "policy (no grad); dataset = videos of train.video_dataset encoded by "
+                                             "the VAE", choices=("generated", "dataset"))
+    video_dataset: str = option("shapes", "latent_source=dataset: 'shapes' (ShapesWorld captioned videos rendered "
+                                          "at the sampling size) or a datasets.save_to_disk directory with a "
+                                          "uint8 'video' column [F, H, W, 3] and a caption column")
+    caption_column: str = option("caption", "column of train.video_dataset holding the prompt of each video")
+    dataset_size: int = option(64, "videos rendered when video_dataset=shapes")
+    cd_weight: float = option(1.0, "w_cd, weight of the consistency-distillation loss L_CD (0 = reward only)")
+    huber_c: float = option(0.001, "c of the pseudo-Huber distance sqrt(mean((x - y)^2) + c^2) - c")
+    cd_target: str = option("stopgrad", "network of the target's jump from sigma' to sigma_min: stopgrad = the "
+                                        "current LoRA without gradient; ema = an exponential moving average of "
+                                        "the LoRA weights", choices=("stopgrad", "ema"))
+    ema_decay: float = option(0.95, "lambda of the EMA target: ema <- lambda * ema + (1 - lambda) * theta")
+    teacher_steps: int = option(20, "N of the noise-level grid: sigma and the teacher's sigma' are consecutive "
+                                    "levels of the N-step flow schedule (scheduler shift included)")
+    sigma_range: tuple[float, float] = option((0.0, 1.0), "noise levels sigma are drawn uniformly from the grid "
+                                                          "levels inside [low, high]")
+    guidance_scale: Optional[float] = option(None, "CFG scale of the student, teacher and target velocities in "
+                                                   "the loss (null = sampling.guidance_scale; 1 = conditional "
+                                                   "only, half the denoiser memory)")
+    adaptive_fusion: bool = option(False, "normalise each reward within its group, (R - mean) / std with the "
+                                          "statistics detached, before weighting")
+    decode_checkpointing: bool = option(True, "recompute the VAE decode in backward instead of storing its "
+                                              "activations (memory grows with one decode chunk, not the batch)")
+    learning_rate: float = option(1e-4, "AdamW learning rate")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    adam_betas: tuple[float, float] = option((0.9, 0.999), "AdamW betas")
+    lr_scheduler: str = option("constant", "learning-rate schedule over the optimiser steps",
+                               choices=("constant", "cosine", "linear"))
+    warmup_steps: int = option(0, "linear warm-up optimiser steps")
+    max_grad_norm: float = option(1.0, "gradient-norm clipping threshold")
+    mixed_precision: str = option("no", "autocast dtype of forward passes", choices=("no", "bf16", "fp16"))
+    seed: int = option(42, "seed of prompt order, sampling noise, training noise and noise levels")
+
+    def _check(self) -> None:
+        _positive(self, "max_steps", "prompts_per_step", "group_size", "sample_batch_size", "train_batch_size",
+                  "dataset_size", "huber_c", "teacher_steps", "learning_rate", "max_grad_norm")
+        _positive(self, "cd_weight", "weight_decay", "warmup_steps", "seed", zero_ok=True)
+        require(0 <= self.ema_decay < 1, "ema_decay", f"must be in [0, 1), got {self.ema_decay}")
+        lo, hi = self.sigma_range
+        require(0 <= lo <= hi <= 1, "sigma_range", f"must satisfy 0 <= low <= high <= 1, got [{lo}, {hi}]")
+        require(self.guidance_scale is None or (math.isfinite(self.guidance_scale) and self.guidance_scale >= 0),
+                "guidance_scale", f"must be >= 0 or null, got {self.guidance_scale}")
+        require(not self.adaptive_fusion or self.group_size >= 2, "group_size",
+                f"adaptive_fusion normalises rewards within a group and needs group_size >= 2, got {self.group_size}")
+        require(self.caption_column.strip() != "", "caption_column", "is empty")
+        if self.latent_source == "dataset":
+            require(self.video_dataset in VIDEO_DATASETS or os.path.isdir(os.path.expanduser(self.video_dataset)),
+                    "video_dataset", f"{self.video_dataset!r} is neither 'shapes' nor an existing directory (working "
+                    f"directory: {os.getcwd()}); give a datasets.save_to_disk directory")
+        for i, beta in enumerate(self.adam_betas):
+            require(0 <= beta < 1, f"adam_betas[{i}]", f"must be in [0, 1), got {beta}")
+
+
+@dataclass
+class BackpropConfig(ConfigBase):
+    """A direct reward-backprop post-training run."""
+
+    model: ModelConfig = section(ModelConfig, "the policy model and its LoRA adapters")
+    sampling: SamplingConfig = section(SamplingConfig, "video size, and rollout sampling for generated latents "
+                                                       "and sample videos")
+    rewards: RewardsConfig = section(RewardsConfig, "rewards and weights w_r (YAML may give {name: weight} directly)")
+    train: BackpropTrainConfig = section(BackpropTrainConfig, "loss and optimisation")
+    data: DataConfig = section(DataConfig, "prompts (latent_source=generated) and sample-video prompts")
+    logging: LoggingConfig = section(LoggingConfig, "metrics and sample videos")
+    checkpoint: CheckpointConfig = section(CheckpointConfig, "checkpoints")
+    output_dir: str = option("runs/backprop", "run directory: resolved config, logs, samples, checkpoints, LoRA")
+
+    def _check(self) -> None:
+        require(self.output_dir.strip() != "", "output_dir", "is empty; use e.g. runs/backprop")
+        s = self.sampling
+        if self.model.family == "wan":
+            lower = (s.num_frames - 1) // 4 * 4 + 1
+            require(s.num_frames % 4 == 1, "sampling.num_frames", f"the wan family needs 4k+1 frames, got "
+                    f"{s.num_frames}; use {max(1, lower)} or {lower + 4}")
+            for name in ("height", "width"):
+                value = getattr(s, name)
+                require(value % 16 == 0, f"sampling.{name}",
+                        f"the wan family needs a multiple of 16, got {value}; use {max(16, round(value / 16) * 16)}")
+        r = self.rewards
+        if r.num_frames is not None:
+            require(r.num_frames <= s.num_frames, "rewards.num_frames",
+                    f"{r.num_frames} exceeds the {s.num_frames} frames per video (sampling.num_frames)")
+        backprop_batch_arithmetic(self, 1)
+
+
+def backprop_batch_arithmetic(cfg: BackpropConfig, num_processes: int = 1) -> dict[str, int]:
+    """Derived per-step counts for ``num_processes`` processes; :class:`ConfigError` if they do not divide.
+
+    Each process gets ``prompts_per_step / num_processes`` whole groups of ``group_size`` videos, generates
+    them ``sample_batch_size`` at a time (``latent_source=generated``) and back-propagates
+    ``train_batch_size`` at a time; all micro-batches of a step accumulate into one optimiser step. Adaptive
+    fusion needs whole groups in a micro-batch (its statistics are per group).
+    """
+    t = cfg.train
+    if not isinstance(num_processes, int) or num_processes < 1:
+        raise ConfigError(f"num_processes must be a positive integer, got {num_processes!r}")
+    P, G = t.prompts_per_step, t.group_size
+    if P % num_processes:
+        raise ConfigError(f"{P} prompts per step cannot be split into whole groups over {num_processes} processes; "
+                          f"set train.prompts_per_step to a multiple of {num_processes}", "train.prompts_per_step")
+    per_process = P // num_processes * G
+    if t.latent_source == "generated" and per_process % t.sample_batch_size:
+        raise ConfigError(f"each process generates {per_process} videos per step (prompts_per_step / {num_processes} "
+                          f"processes x group_size), not divisible by {t.sample_batch_size}; use a divisor of "
+                          f"{per_process}: {_divisors(per_process)}", "train.sample_batch_size")
+    if per_process % t.train_batch_size:
+        raise ConfigError(f"each process trains on {per_process} videos per step, not divisible by train_batch_size="
+                          f"{t.train_batch_size}; use a divisor of {per_process}: {_divisors(per_process)}",
+                          "train.train_batch_size")
+    if t.adaptive_fusion and t.train_batch_size % G:
+        raise ConfigError(f"adaptive_fusion normalises rewards within groups of {G}, so a micro-batch must hold "
+                          f"whole groups: set train.train_batch_size to a multiple of {G} (dividing {per_process}), "
+                          "or turn adaptive_fusion off", "train.train_batch_size")
+    micro = per_process // t.train_batch_size
+    return {
+        "num_processes": num_processes,
+        "prompts_per_step": P,
+        "prompts_per_process": P // num_processes,
+        "group_size": G,
+        "videos_per_step": P * G,
+        "videos_per_process": per_process,
+        "micro_batches_per_step": micro,
+        "total_optimizer_steps": t.max_steps,
+    }
