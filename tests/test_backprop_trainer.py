@@ -1,7 +1,6 @@
 """Direct reward backprop with consistency distillation on the tiny in-code Wan model (CPU)."""
 from __future__ import annotations
 
-import glob
 import json
 import os
 
@@ -213,19 +212,12 @@ def test_reward_frame_cap_splits_calls_without_changing_scores():
         RewardServer({"r": recorder}, max_frames_per_call=0)
 
 
-SHIPPED = sorted(glob.glob(os.path.join(ROOT, "recipes", "configs", "backprop_*.yaml")))
-
-
-@pytest.mark.parametrize("path", SHIPPED, ids=[os.path.basename(p) for p in SHIPPED])
-def test_shipped_backprop_configs_load(path):
-    with open(path) as f:
-        assert f.readline().startswith("#"), "each shipped config starts with its launch command in a comment"
-    cfg = load_config(BackpropConfig, path)
-    assert cfg.train.cd_weight > 0 and cfg.rewards.weights
-
-
-def test_shipped_configs_cover_both_settings():
-    assert {os.path.basename(p) for p in SHIPPED} >= {"backprop_tiny_cpu.yaml", "backprop_short_video_wan.yaml"}
+def test_shipped_backprop_configs_use_the_cd_term():
+    """(Every shipped config's loading is tested in test_config.py; here what backprop configs must hold.)"""
+    names = {"backprop_tiny_cpu.yaml", "backprop_short_video_wan.yaml"}
+    for name in names:
+        cfg = load_config(BackpropConfig, os.path.join(ROOT, "recipes", "configs", name))
+        assert cfg.train.cd_weight > 0 and cfg.rewards.weights
 
 
 @pytest.mark.distributed

@@ -257,11 +257,14 @@ SHIPPED = sorted(glob.glob(os.path.join(REPO, "recipes", "configs", "*.yaml")))
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[os.path.basename(p) for p in SHIPPED])
 def test_shipped_configs_load(path):
+    """Every shipped config starts with its launch command and loads into its trainer's config class."""
+    from pisces_rl.config import BackpropConfig, backprop_batch_arithmetic
+
     with open(path) as f:
         assert f.readline().startswith("#"), "each shipped config starts with its launch command in a comment"
     name = os.path.basename(path)
-    cls = GRPOConfig
-    if not name.startswith("grpo"):
-        pytest.skip(f"{name} is not a GRPO config")
-    cfg = load_config(cls, path)
-    assert batch_arithmetic(cfg, 1)["videos_per_iteration"] >= 2
+    assert name.startswith(("grpo_", "backprop_")), f"{name}: name shipped configs after their trainer"
+    if name.startswith("grpo_"):
+        assert batch_arithmetic(load_config(GRPOConfig, path), 1)["videos_per_iteration"] >= 2
+    else:
+        assert backprop_batch_arithmetic(load_config(BackpropConfig, path), 1)["videos_per_step"] >= 1
