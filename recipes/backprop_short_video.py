@@ -19,14 +19,14 @@ import logging
 import sys
 
 from pisces_rl.config import BackpropConfig, parse_cli
-from pisces_rl.trainer import BackpropTrainer
+from pisces_rl.trainer import BackpropTrainer, setup_logging
 
-log = logging.getLogger("backprop_short_video")
+log = logging.getLogger("pisces_rl.recipes.backprop_short_video")
 
 
 def main(argv: list[str] | None = None) -> dict:
     config = parse_cli(BackpropConfig, sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     t = config.train
     log.info("direct backprop: latents from %s; loss = %g * L_CD(target=%s) - sum_r w_r R_r with %s; "
              "adaptive fusion %s", t.latent_source, t.cd_weight, t.cd_target, config.rewards.weights,

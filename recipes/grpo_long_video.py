@@ -23,15 +23,14 @@ import logging
 import sys
 
 from pisces_rl.config import GRPOConfig, parse_cli
-from pisces_rl.trainer import GRPOTrainer
+from pisces_rl.trainer import GRPOTrainer, setup_logging
 
 log = logging.getLogger("pisces_rl.recipes.grpo_long_video")
 
 
 def main(argv: list[str] | None = None) -> dict:
     config = parse_cli(GRPOConfig, sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("pisces_rl").setLevel(logging.INFO)
+    setup_logging()
     r = config.rewards
     log.info("long video: %d frames; reward sees %s frames x %d window(s); checkpointing=%s; decode chunk=%d",
              config.sampling.num_frames, r.num_frames or "all", r.temporal_windows,

@@ -10,17 +10,15 @@ Everything the run does is in the config; ``--help`` lists every field with its 
 """
 from __future__ import annotations
 
-import logging
 import sys
 
 from pisces_rl.config import GRPOConfig, parse_cli
-from pisces_rl.trainer import GRPOTrainer
+from pisces_rl.trainer import GRPOTrainer, setup_logging
 
 
 def main(argv: list[str] | None = None) -> dict:
     config = parse_cli(GRPOConfig, sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("pisces_rl").setLevel(logging.INFO)
+    setup_logging()
     trainer = GRPOTrainer(config)
     return trainer.train()
 

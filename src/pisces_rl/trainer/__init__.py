@@ -7,7 +7,8 @@ from .accel import build_accelerator, gather_lora_state_dict, gradient_sync, is_
 from .advantages import group_advantages, group_index
 from .checkpoint import config_hash, find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from .losses import clipped_policy_loss, gaussian_kl, pseudo_huber
-from .tracking import flatten_config, format_summary, init_trackers, plot_curve, save_video, save_video_grid
+from .tracking import (flatten_config, format_summary, init_trackers, plot_curve, save_video, save_video_grid,
+                       setup_logging)
 
 from .grpo import GRPOTrainer
 from .backprop import BackpropTrainer
@@ -18,5 +19,5 @@ __all__ = [
     "save_checkpoint", "find_checkpoint", "load_checkpoint", "list_checkpoints", "config_hash",
     "build_accelerator", "is_deepspeed", "zero_stage", "gather_lora_state_dict", "gradient_sync",
     "GRPOTrainer", "BackpropTrainer",
-    "init_trackers", "save_video", "save_video_grid", "plot_curve", "format_summary", "flatten_config",
+    "init_trackers", "setup_logging", "save_video", "save_video_grid", "plot_curve", "format_summary", "flatten_config",
 ]

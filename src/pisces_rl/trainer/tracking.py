@@ -245,3 +245,11 @@ def format_summary(metrics: Mapping[str, Any], title: str = "Summary") -> str:
 
     rule = "-" * len(line(header))
     return "\n".join([title, rule, line(header), rule, *map(line, rows), rule])
+
+
+def setup_logging(level: int = 20) -> None:
+    """Recipe logging: pisces_rl's own messages at ``level`` (INFO), everything else at WARNING."""
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pisces_rl").setLevel(level)
