@@ -82,3 +82,12 @@ def test_bad_files(tmp_path):
         load_prompts(str(tmp_path / "p.yaml"))
     with pytest.raises(ValueError, match="is a directory"):
         load_prompts(str(tmp_path))
+
+
+def test_shapesworld_prompt_sources_are_disjoint_splits():
+    train = load_prompts("shapes:train:64")
+    heldout = load_prompts("shapes:heldout:16")
+    assert len(train) == 64 and len(heldout) == 16 and not set(train) & set(heldout)
+    assert load_prompts("shapes:train:64") == train  # deterministic
+    with pytest.raises(ValueError, match="shapes:<split>:<n>"):
+        load_prompts("shapes:test:5")

@@ -5,6 +5,7 @@
     load_prompts("vbench")                      # the 944 distinct prompts of VBench's full list
     load_prompts("vbench:color")                # only those VBench uses for one dimension
     load_prompts("builtin:tiny")                # a few short ShapesWorld-style prompts, for smoke runs
+    load_prompts("shapes:heldout:32")           # ShapesWorld template prompts: split (all|train|heldout), count
 
 Prompts are stripped of surrounding whitespace and kept in file order, duplicates included.
 """
@@ -87,6 +88,17 @@ def vbench_prompts(dimension: Optional[str] = None) -> list[str]:
 
 
 # -------------------------------------------------------------------------------------------- files
+def _shapes_prompts(name: str) -> list[str]:
+    """``shapes:<split>:<n>`` -> the first ``n`` ShapesWorld prompts of ``split`` (seed 0, distinct)."""
+    parts = name.split(":")
+    if len(parts) != 3 or parts[1] not in ("all", "train", "heldout") or not parts[2].isdigit() or int(parts[2]) < 1:
+        raise ValueError(f"ShapesWorld prompt source {name!r} must read 'shapes:<split>:<n>' with split all, train "
+                         "or heldout and n >= 1, e.g. 'shapes:train:256'")
+    from ..worlds.shapes import shapes_prompts
+
+    return shapes_prompts(int(parts[2]), seed=0, split=parts[1])
+
+
 def _read_txt(path: str) -> list[str]:
     with open(path, encoding="utf-8") as f:
         lines = [line.strip() for line in f]
@@ -134,6 +146,8 @@ def load_prompts(source: Union[str, os.PathLike, Sequence[str]], column: str = "
     name = os.fspath(source).strip()
     if name == "vbench" or name.startswith("vbench:"):
         return vbench_prompts(name.partition(":")[2] or None)
+    if name.startswith("shapes:"):
+        return _shapes_prompts(name)
     if name.startswith("builtin:"):
         key = name.partition(":")[2]
         if key not in BUILTIN_PROMPTS:
