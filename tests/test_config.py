@@ -146,7 +146,7 @@ def test_yaml_errors(tmp_path):
     ("sampling.num_frames=6", r"sampling.num_frames: the wan family needs 4k\+1 frames, got 6; use 5 or 9"),
     ("sampling.height=40", r"sampling.height: the wan family needs a multiple of 16, got 40"),
     ("rewards.mass=1.5", r"rewards.mass: must be in \(0, 1\]"),
-    ("rewards.num_frames=9", r"rewards.num_frames: 9 exceeds the 5 sampled frames"),
+    ("rewards.num_frames=9", r"rewards.num_frames: 9 exceeds the 5 frames per video"),
     ("rewards.temporal_windows=2", r"needs rewards.num_frames"),
     ("rewards.weights={}", r"rewards.weights: no reward configured"),
     ("model.pretrained=/no/such/pipeline", r"model.pretrained: '/no/such/pipeline' is not one of 'tiny', 'shapes', "

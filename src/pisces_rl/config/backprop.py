@@ -17,7 +17,7 @@ from typing import Optional
 
 from .base import ConfigBase, ConfigError, option, require, section
 from .grpo import (CheckpointConfig, DataConfig, LoggingConfig, ModelConfig, RewardsConfig, SamplingConfig,
-                   _divisors, _positive)
+                   _divisors, _positive, check_video_shape)
 
 __all__ = ["BackpropTrainConfig", "BackpropConfig", "backprop_batch_arithmetic", "VIDEO_DATASETS"]
 
@@ -105,19 +105,7 @@ class BackpropConfig(ConfigBase):
 
     def _check(self) -> None:
         require(self.output_dir.strip() != "", "output_dir", "is empty; use e.g. runs/backprop")
-        s = self.sampling
-        if self.model.family == "wan":
-            lower = (s.num_frames - 1) // 4 * 4 + 1
-            require(s.num_frames % 4 == 1, "sampling.num_frames", f"the wan family needs 4k+1 frames, got "
-                    f"{s.num_frames}; use {max(1, lower)} or {lower + 4}")
-            for name in ("height", "width"):
-                value = getattr(s, name)
-                require(value % 16 == 0, f"sampling.{name}",
-                        f"the wan family needs a multiple of 16, got {value}; use {max(16, round(value / 16) * 16)}")
-        r = self.rewards
-        if r.num_frames is not None:
-            require(r.num_frames <= s.num_frames, "rewards.num_frames",
-                    f"{r.num_frames} exceeds the {s.num_frames} frames per video (sampling.num_frames)")
+        check_video_shape(self)
         backprop_batch_arithmetic(self, 1)
 
 

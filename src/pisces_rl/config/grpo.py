@@ -18,7 +18,7 @@ from typing import Optional
 
 from .base import ConfigBase, ConfigError, option, require, section
 
-__all__ = ["train_timesteps_per_video", "ModelConfig", "SamplingConfig", "RewardsConfig", "TrainConfig", "DataConfig", "LoggingConfig",
+__all__ = ["check_video_shape", "train_timesteps_per_video", "ModelConfig", "SamplingConfig", "RewardsConfig", "TrainConfig", "DataConfig", "LoggingConfig",
            "CheckpointConfig", "GRPOConfig", "batch_arithmetic", "MODEL_SOURCES", "ENCODER_SOURCES", "OT_MAP_SOURCES"]
 
 MODEL_SOURCES = ("tiny", "shapes")  # model.pretrained names resolved in code, not on disk
@@ -259,19 +259,26 @@ class GRPOConfig(ConfigBase):
 
     def _check(self) -> None:
         require(self.output_dir.strip() != "", "output_dir", "is empty; use e.g. runs/grpo")
-        s = self.sampling
-        if self.model.family == "wan":
-            require(s.num_frames % 4 == 1, "sampling.num_frames", f"the wan family needs 4k+1 frames, got "
-                    f"{s.num_frames}; use {max(1, (s.num_frames - 1) // 4 * 4 + 1)} or {(s.num_frames - 1) // 4 * 4 + 5}")
-            for name in ("height", "width"):
-                value = getattr(s, name)
-                require(value % 16 == 0, f"sampling.{name}",
-                        f"the wan family needs a multiple of 16, got {value}; use {max(16, round(value / 16) * 16)}")
-        r = self.rewards
-        if r.num_frames is not None:
-            require(r.num_frames <= s.num_frames, "rewards.num_frames",
-                    f"{r.num_frames} exceeds the {s.num_frames} sampled frames (sampling.num_frames)")
+        check_video_shape(self)
         batch_arithmetic(self, 1)
+
+
+def check_video_shape(cfg) -> None:
+    """Cross-section checks shared by every run config: the model family's frame count and size, and the
+    reward's frames within the sampled ones."""
+    s = cfg.sampling
+    if cfg.model.family == "wan":
+        lower = (s.num_frames - 1) // 4 * 4 + 1
+        require(s.num_frames % 4 == 1, "sampling.num_frames",
+                f"the wan family needs 4k+1 frames, got {s.num_frames}; use {max(1, lower)} or {lower + 4}")
+        for name in ("height", "width"):
+            value = getattr(s, name)
+            require(value % 16 == 0, f"sampling.{name}",
+                    f"the wan family needs a multiple of 16, got {value}; use {max(16, round(value / 16) * 16)}")
+    r = cfg.rewards
+    if r.num_frames is not None:
+        require(r.num_frames <= s.num_frames, "rewards.num_frames",
+                f"{r.num_frames} exceeds the {s.num_frames} frames per video (sampling.num_frames)")
 
 
 def _divisors(n: int) -> str:
