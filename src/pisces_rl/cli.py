@@ -3,6 +3,8 @@
 Subcommands::
 
     pisces-rl fit-ot-map --dataset DATA --output DIR [--encoder tiny|PATH] [--map neural|l2] [--steps N] ...
+    pisces-rl world build [--profile full|quick] [--cache DIR] [--force] [--threads N]
+    pisces-rl world info [--cache DIR]
 
 Run ``pisces-rl SUBCOMMAND --help`` for the options. ``main(argv)`` returns the exit status (0 = success,
 1 = a problem with the inputs, reported on stderr as one line; 2 = bad command-line usage).
@@ -86,12 +88,72 @@ def _run_fit_ot_map(args) -> int:
     return 0
 
 
+def _add_world(subparsers) -> None:
+    p = subparsers.add_parser(
+        "world", help="build or inspect ShapesWorld (encoder, OT maps, base model)",
+        description="ShapesWorld: the offline world of the embedded default. `build` trains its video-text encoder, "
+                    "fits the text->video OT map (and the L2 baseline) and pretrains its text-to-video base model, "
+                    "caching them; configs then say model.pretrained: shapes, rewards.encoder: shapes, "
+                    "rewards.ot_map: shapes.")
+    actions = p.add_subparsers(dest="action", metavar="ACTION")
+    actions.required = True
+    build = actions.add_parser("build", help="build the world (skipped when the cache matches)",
+                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    build.add_argument("--profile", default="full", choices=["full", "quick"],
+                       help="full = the default world (~20 min on 2 CPU cores); quick = small, for tests")
+    build.add_argument("--cache", default=None, help="cache directory (default: $PISCES_RL_CACHE/shapes_world or "
+                                                     "<repo>/.cache/shapes_world)")
+    build.add_argument("--force", action="store_true", help="rebuild every artifact even if the cache matches")
+    build.add_argument("--threads", type=_positive_int, default=1,
+                       help="torch CPU threads during the build (the models are small; more threads rarely help "
+                            "and slow down a lot on a busy machine)")
+    build.add_argument("--quiet", action="store_true", help="no progress bars")
+    build.set_defaults(run=_run_world_build)
+    info = actions.add_parser("info", help="print where the world is and what it holds")
+    info.add_argument("--cache", default=None, help="cache directory (default as for build)")
+    info.set_defaults(run=_run_world_info)
+
+
+def _run_world_build(args) -> int:
+    from pisces_rl.worlds.shapes.build import build_world, default_cache_dir
+
+    cache = args.cache or default_cache_dir()
+    manifest = build_world(args.profile, cache_dir=cache, force=args.force, progress=not args.quiet,
+                           num_threads=args.threads)
+    timings = ", ".join(f"{k} {v:.0f} s" for k, v in manifest.get("timings", {}).items() if v)
+    print(f"ShapesWorld ({manifest['profile']}) ready in {cache}" + (f" ({timings})" if timings else " (cached)"))
+    return 0
+
+
+def _run_world_info(args) -> int:
+    from pisces_rl.worlds.shapes.build import ARTIFACTS, default_cache_dir, read_manifest
+
+    cache = args.cache or default_cache_dir()
+    manifest = read_manifest(cache)
+    if manifest is None:
+        raise FileNotFoundError(f"no ShapesWorld in {str(cache)!r}; build it with `make world` "
+                                "(or `pisces-rl world build`)")
+    print(f"ShapesWorld in {cache}: profile {manifest['profile']}, config hash {manifest['config_hash']}")
+    for name in ARTIFACTS:
+        entry = manifest["artifacts"].get(name)
+        if entry is None:
+            print(f"  {name:<11} not built")
+            continue
+        metrics = entry.get("metrics") or {}
+        shown = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float) and "/" not in k)
+        print(f"  {name:<11} {cache}/{name}  ({entry['seconds']:.0f} s{'; ' + shown if shown else ''})")
+    versions = manifest.get("versions", {})
+    print("  versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``pisces-rl`` argument parser (one sub-parser per subcommand)."""
     parser = argparse.ArgumentParser(prog="pisces-rl", description="PISCES reward post-training tools")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
     _add_fit_ot_map(subparsers)
+    _add_world(subparsers)
     return parser
 
 

@@ -1,0 +1,179 @@
+"""ShapesWorld build: quick profile end to end, manifest caching, encoder quality, loading through the real paths."""
+import json
+import random
+import shutil
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from pisces_rl.worlds.shapes import shapes_corpus, videos_to_tensor
+from pisces_rl.worlds.shapes.build import (ARTIFACTS, build_world, read_manifest, resolve_world_name,
+                                           world_artifact, world_config)
+from pisces_rl.worlds.shapes.captions import parse_prompt
+from pisces_rl.worlds.shapes.encoder_training import (NEGATIVE_KINDS, ShapesEncoderConfig, _canonical,
+                                                      corpus_attributes, hard_negative, train_shapes_encoder)
+
+
+def _clips(ds):
+    """Corpus videos as float [B, F, C, H, W] in [0, 1]."""
+    return videos_to_tensor(np.asarray(ds.with_format("numpy", dtype="uint8")[:]["video"]))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """The quick world, built once for the module into <tmp>/shapes_world (the layout PISCES_RL_CACHE expects)."""
+    root = tmp_path_factory.mktemp("cache")
+    cache = root / "shapes_world"
+    start = time.perf_counter()
+    manifest = build_world("quick", cache_dir=cache, progress=False)
+    return {"root": root, "cache": cache, "manifest": manifest, "seconds": time.perf_counter() - start}
+
+
+def test_hard_negatives_contradict_exactly_one_attribute():
+    ds = shapes_corpus(60, seed=5, num_frames=3, size=16)
+    rng = random.Random(0)
+    for attrs in corpus_attributes(ds):
+        for kind in NEGATIVE_KINDS:
+            try:
+                caption, got = hard_negative(attrs, rng, [kind])
+            except ValueError:      # kind does not apply (e.g. count on a pair, relation on a group)
+                continue
+            parsed = parse_prompt(caption, strict=True)
+            assert got == kind and _canonical(parsed) != _canonical(attrs)
+            if kind == "colour":
+                assert sorted(o.shape for o in parsed.objects) == sorted(o.shape for o in attrs.objects)
+            if kind == "direction":
+                assert {o.motion for o in parsed.objects} != {o.motion for o in attrs.objects}
+
+
+def test_encoder_training_is_deterministic():
+    from pisces_rl.encoders import BlipVideoTextEncoder
+
+    ds = shapes_corpus(24, seed=0, num_frames=5, size=16, split="train")
+    cfg = ShapesEncoderConfig(hidden_size=16, embed_dim=16, image_size=16, patch_size=8, num_layers=1, steps=3,
+                              batch_size=8, warmup_steps=1)
+    a, history = train_shapes_encoder(ds, cfg, progress=False)
+    b, _ = train_shapes_encoder(ds, cfg, progress=False)
+    assert len(history["train"]) == 3 and all(torch.isfinite(torch.tensor(r["loss"])) for r in history["train"])
+    assert not a.model.training and not any(p.requires_grad for p in a.parameters())
+    for (name, pa), pb in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        assert torch.equal(pa, pb), name
+    untrained = BlipVideoTextEncoder.tiny(seed=cfg.seed, hidden_size=16, embed_dim=16, image_size=16, patch_size=8,
+                                          num_layers=1, initializer_range=0.02)
+    assert not torch.equal(a.model.itm_head.weight, untrained.model.itm_head.weight)   # it did train
+
+
+def test_quick_build_writes_every_artifact(world):
+    manifest, cache = world["manifest"], world["cache"]
+    assert manifest["profile"] == "quick" and set(manifest["artifacts"]) == set(ARTIFACTS)
+    assert json.loads((cache / "manifest.json").read_text())["config_hash"] == manifest["config_hash"]
+    for name in ARTIFACTS:
+        assert (cache / name).is_dir() and not (cache / f"{name}.tmp").exists()
+        assert manifest["artifacts"][name]["seconds"] > 0
+    assert (cache / "encoder" / "config.json").is_file() and (cache / "ot_map" / "model.safetensors").is_file()
+    assert (cache / "base_model" / "model_index.json").is_file()
+
+
+def test_rebuild_is_skipped_when_the_manifest_matches(world):
+    start = time.perf_counter()
+    again = build_world("quick", cache_dir=world["cache"], progress=False)
+    assert time.perf_counter() - start < 5
+    assert again["artifacts"] == world["manifest"]["artifacts"] and sum(again["timings"].values()) == 0
+
+
+def test_changed_ot_config_refits_only_the_maps(world, tmp_path):
+    cache = tmp_path / "shapes_world"
+    shutil.copytree(world["cache"], cache)
+    before = read_manifest(cache)["artifacts"]
+    manifest = build_world(world_config("quick", ot_steps=20, l2_steps=20), cache_dir=cache, progress=False)
+    after = manifest["artifacts"]
+    for name in ("encoder", "base_model"):
+        assert after[name] == before[name] and manifest["timings"][name] == 0
+    for name in ("ot_map", "l2_map"):
+        assert after[name]["key"] != before[name]["key"] and manifest["timings"][name] > 0
+
+
+def test_quick_encoder_matches_captions_better_than_chance(world):
+    from pisces_rl.encoders import BlipVideoTextEncoder
+
+    metrics = world["manifest"]["artifacts"]["encoder"]["metrics"]
+    assert metrics["t2v_r1"] > 3 * metrics["chance_r1"]
+    assert metrics["itm_pair_acc/colour"] > 0.7 and metrics["itc_pair_acc/colour"] > 0.7
+    # independent check on fresh held-out clips: true caption vs. another clip's caption, by both heads
+    encoder = BlipVideoTextEncoder.from_pretrained(world["cache"] / "encoder")
+    ds = shapes_corpus(64, seed=123, num_frames=9, size=32, split="heldout")
+    videos, captions = _clips(ds), list(ds["caption"])
+    shifted = captions[1:] + captions[:1]
+    keep = torch.tensor([a != b for a, b in zip(captions, shifted)])
+    with torch.no_grad():
+        video = encoder.encode_video(videos)
+        text, other = encoder.encode_text(captions), encoder.encode_text(shifted)
+        p_true, p_other = encoder.match_probability(text, video), encoder.match_probability(other, video)
+        c_true = (text.cls_embedding * video.pooled_embedding).sum(-1)
+        c_other = (other.cls_embedding * video.pooled_embedding).sum(-1)
+    assert (p_true > p_other)[keep].float().mean() > 0.65
+    assert (c_true > c_other)[keep].float().mean() > 0.65
+
+
+def test_artifacts_load_through_the_library_paths(world, monkeypatch):
+    from diffusers import WanPipeline
+
+    from pisces_rl.config import ModelConfig
+    from pisces_rl.encoders import BlipVideoTextEncoder, load_encoder
+    from pisces_rl.models import build_policy
+    from pisces_rl.ot import L2RegressionMap, NeuralOTMap
+    from pisces_rl.rewards import build_reward_server
+
+    cache = world["cache"]
+    encoder = BlipVideoTextEncoder.from_pretrained(cache / "encoder")
+    ot_map = NeuralOTMap.from_pretrained(cache / "ot_map")
+    assert isinstance(L2RegressionMap.from_pretrained(cache / "l2_map"), L2RegressionMap)
+    assert ot_map.dim == encoder.embed_dim and encoder.num_frames == world_config("quick").encoder.num_frames
+    assert isinstance(WanPipeline.from_pretrained(cache / "base_model"), WanPipeline)
+
+    monkeypatch.setenv("PISCES_RL_CACHE", str(world["root"]))   # the names below resolve into this world
+    assert resolve_world_name("shapes", "ot_map") == str(cache / "ot_map")
+    assert resolve_world_name("shapes:l2", "ot_map") == str(cache / "l2_map")
+    assert resolve_world_name("/some/dir", "encoder") is None
+    assert torch.equal(load_encoder("shapes").model.itm_head.weight, encoder.model.itm_head.weight)
+    server = build_reward_server({"weights": {"ot_quality": 1.0, "ot_semantic": 1.0}, "encoder": "shapes",
+                                  "ot_map": "shapes"})
+    policy = build_policy(ModelConfig(pretrained="shapes", lora_rank=2, lora_alpha=2), device="cpu")
+    assert isinstance(policy.pipeline, WanPipeline)
+    ds = shapes_corpus(2, seed=7, num_frames=9, size=32, split="heldout")
+    out = server(_clips(ds), list(ds["caption"]))
+    assert out.scores.shape == (2, 2) and torch.isfinite(out.scores).all()
+
+
+def test_config_accepts_world_names():
+    from pisces_rl.config import ConfigError, GRPOConfig, load_config
+
+    cfg = load_config(GRPOConfig, None, ["model.pretrained=shapes", "rewards.encoder=shapes",
+                                         "rewards.ot_map=shapes:l2"])
+    assert (cfg.model.pretrained, cfg.rewards.encoder, cfg.rewards.ot_map) == ("shapes", "shapes", "shapes:l2")
+    with pytest.raises(ConfigError, match="ot_map"):
+        load_config(GRPOConfig, None, ["rewards.ot_map=shapes:nope"])
+
+
+def test_missing_world_says_how_to_build_it(tmp_path, monkeypatch):
+    from pisces_rl.cli import main
+    from pisces_rl.encoders import load_encoder
+
+    monkeypatch.setenv("PISCES_RL_CACHE", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="make world"):
+        world_artifact("encoder")
+    with pytest.raises(FileNotFoundError, match="make world"):
+        load_encoder("shapes")
+    assert main(["world", "info"]) == 1
+
+
+def test_cli_world_info_and_cached_build(world, capsys):
+    from pisces_rl.cli import main
+
+    assert main(["world", "build", "--profile", "quick", "--cache", str(world["cache"]), "--quiet"]) == 0
+    assert "(cached)" in capsys.readouterr().out
+    assert main(["world", "info", "--cache", str(world["cache"])]) == 0
+    out = capsys.readouterr().out
+    assert "profile quick" in out and all(name in out for name in ARTIFACTS)
