@@ -21,7 +21,7 @@ the maps. The cache directory is ``$PISCES_RL_CACHE/shapes_world`` if that varia
 Configs name the artifacts with ``shapes``: ``model.pretrained: shapes``, ``rewards.encoder: shapes``,
 ``rewards.ot_map: shapes`` (``shapes:l2`` = the L2 map); :func:`resolve_world_name` turns those into directories
 and raises a ``FileNotFoundError`` saying to run ``make world`` when the world is not built (a training launch,
-possibly on several processes at once, never starts a 20-minute build by itself).
+possibly on several processes at once, never starts an 18-minute build by itself).
 
 Example: ``build_world("quick", cache_dir="/tmp/world")``, then
 ``BlipVideoTextEncoder.from_pretrained("/tmp/world/encoder")``; a second ``build_world`` call returns at once.
@@ -50,7 +50,7 @@ MANIFEST = "manifest.json"
 ARTIFACTS = ("encoder", "ot_map", "l2_map", "base_model")
 WORLD_NAMES = {"model": {"shapes": "base_model"}, "encoder": {"shapes": "encoder"},
                "ot_map": {"shapes": "ot_map", "shapes:l2": "l2_map"}}
-"""Names configs may use for world artifacts, per role (``model.pretrained``, ``rewards.encoder``, ``rewards.ot_map``)."""
+"""World artifact names configs may use, per role (``model.pretrained``, ``rewards.encoder``, ``rewards.ot_map``)."""
 
 
 @dataclass(frozen=True)
@@ -329,7 +329,7 @@ def build_world(profile: Union[str, WorldConfig] = "full", cache_dir: Union[str,
     """Build (or reuse) the world's artifacts in ``cache_dir``; returns the manifest.
 
     Args:
-        profile: ``"full"`` (the default world, about 20 minutes on 2 CPU cores), ``"quick"`` (tests: small
+        profile: ``"full"`` (the default world, about 18 minutes on 2 shared CPU cores), ``"quick"`` (tests: small
             corpus and models, a couple of minutes) or a :class:`WorldConfig`.
         cache_dir: output directory (default :func:`default_cache_dir`).
         force: rebuild every artifact even if its key matches the manifest.

@@ -19,7 +19,8 @@ The adapter looks at frames independently and pools them without frame order (th
 frame [CLS] tokens; cross-attention sees the patch tokens as a set), so a clip and its time reversal get the same
 features: "moving left" and "moving right" are indistinguishable to it. Direction-flip negatives are therefore
 left out of training by default (``ShapesEncoderConfig.direction_negatives``) and scored separately by
-:func:`evaluate_encoder`.
+:func:`evaluate_encoder`. At the default size and budget colour, shape, count and attribute binding are learned,
+while motion axis / still-vs-moving and spatial relations stay near chance (``benchmarks/shapes_world_build.py``).
 
 Example::
 
@@ -342,7 +343,8 @@ def evaluate_encoder(encoder, dataset, pool_size: int = 200, rerank_k: int = 8, 
     def match(texts: list[str], rows: list[int], cosine: bool = False) -> Tensor:  # [len(texts)]
         out = []
         for s in range(0, len(texts), batch_size):
-            text, video = encoder.encode_text(texts[s:s + batch_size]), _select(feats, torch.tensor(rows[s:s + batch_size]))
+            text = encoder.encode_text(texts[s:s + batch_size])
+            video = _select(feats, torch.tensor(rows[s:s + batch_size]))
             out.append((text.cls_embedding * video.pooled_embedding).sum(-1) if cosine else
                        encoder.match_probability(text, video))
         return torch.cat(out)
