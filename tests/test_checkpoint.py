@@ -11,15 +11,7 @@ from pisces_rl.trainer.checkpoint import (STATE_FILE, config_hash, find_checkpoi
                                           load_checkpoint, save_checkpoint)
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def _restart():
