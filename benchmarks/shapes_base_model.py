@@ -1,6 +1,6 @@
 """Train the ShapesWorld base model (full size) and score it with ShapesBench.
 
-    python benchmarks/shapes_base_model.py [--output DIR] [--profile full] [--threads 2] [--reuse]
+    python benchmarks/shapes_base_model.py [--output DIR] [--profile full] [--threads 1] [--reuse]
                                            [--num-prompts 64] [--num-inference-steps 16] [--guidance 1 3 5]
 
 Prints the seconds of every training phase, then a ShapesBench table (scores in %) with one column per video set:
@@ -38,7 +38,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--output", default=str(DEFAULT_OUTPUT), help="pipeline directory (default: %(default)s)")
     p.add_argument("--profile", default="full", choices=("full", "quick"))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default: %(default)s; 2 are faster on idle cores but many times slower "
+                        "while another process holds a core)")
     p.add_argument("--steps", type=int, default=None, help="override the transformer steps")
     p.add_argument("--vae-steps", type=int, default=None, help="override the VAE steps")
     p.add_argument("--reuse", action="store_true", help="skip training if --output has the same config hash")

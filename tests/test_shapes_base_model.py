@@ -83,6 +83,7 @@ def test_quick_training_writes_metadata_and_losses_decrease(trained):
     meta = json.load(open(os.path.join(path, METADATA_FILE)))
     assert meta["config_hash"] == cfg.config_hash() and meta["config"]["profile"] == "quick"
     assert set(meta["seconds"]) >= {"corpus", "vae", "encode", "transformer"}
+    assert sum(meta["seconds"].values()) < 60                            # the quick profile trains in seconds
     vae_curve, t2v_curve = meta["vae_loss_curve"], meta["transformer_loss_curve"]
     assert sum(vae_curve[-3:]) < 0.9 * sum(vae_curve[:3]), vae_curve
     assert sum(t2v_curve[-3:]) < 0.95 * sum(t2v_curve[:3]), t2v_curve

@@ -9,13 +9,15 @@ Components are the real diffusers / transformers classes, sized for a 2-core CPU
 * ``WanTransformer3DModel`` (4 blocks, width 128, patch ``(1, 2, 2)``: 5 x 4 x 4 = 80 video tokens);
 * ``FlowMatchEulerDiscreteScheduler(shift=cfg.shift)``.
 
-Flow matching (rectified flow, the Wan / SD3 objective), on normalised latents ``x0 = (z - mean) / std``::
+Training data: ``shapes_corpus(num_videos, split="train")`` clips and captions (held-out captions never appear).
+Flow matching (rectified flow, the Wan / SD3 objective) on normalised latents ``x0 = (z - mean) / std``, with
+``z ~ q(z | video)`` drawn from the VAE posterior and (mean, std) the per-channel corpus statistics::
 
     u ~ LogitNormal(logit_mean, logit_std),   sigma = shift * u / (1 + (shift - 1) * u)
     x_sigma = (1 - sigma) * x0 + sigma * eps,  eps ~ N(0, I)
     loss = || v_theta(x_sigma, t = 1000 * sigma, text) - (eps - x0) ||^2
 
-so training sees the same shifted noise levels as the scheduler's sampling grid. Captions are replaced by the
+The shift is the scheduler's, so training noise levels are warped like the sampling grid. Captions are replaced by the
 empty prompt with probability ``caption_dropout`` (the unconditional branch of classifier-free guidance, which
 ``WanPipeline`` encodes as ``""``). The saved transformer / text-encoder weights are an exponential moving
 average of the trained ones. Text embeddings are built exactly like ``WanPipeline.encode_prompt``: padded to
@@ -54,9 +56,9 @@ RECOMMENDED_SAMPLING = {"num_inference_steps": 16, "guidance_scale": 3.0, "max_s
 """Sampling settings the benchmark reports (``benchmarks/shapes_base_model.py``)."""
 
 PROFILES: Dict[str, Dict[str, Any]] = {
-    "full": dict(num_videos=4000, vae_base_dim=8, vae_z_dim=16, vae_steps=1000, vae_batch_size=8, vae_lr=2e-3,
+    "full": dict(num_videos=4000, vae_base_dim=8, vae_z_dim=16, vae_steps=2000, vae_batch_size=4, vae_lr=2e-3,
                  text_dim=64, text_layers=2, text_heads=4, text_ff_dim=128, num_layers=4, num_heads=4,
-                 head_dim=32, ffn_dim=512, steps=1000, batch_size=32, lr=1e-3, warmup_steps=50),
+                 head_dim=32, ffn_dim=512, steps=2000, batch_size=16, lr=2e-3, warmup_steps=50),
     "quick": dict(num_videos=24, vae_base_dim=4, vae_z_dim=8, vae_steps=12, vae_batch_size=2, vae_lr=2e-3,
                   text_dim=16, text_layers=1, text_heads=2, text_ff_dim=32, num_layers=1, num_heads=2,
                   head_dim=8, ffn_dim=32, steps=30, batch_size=8, lr=2e-3, warmup_steps=5),
@@ -81,8 +83,8 @@ class ShapesBaseModelConfig:
     # ---- VAE (pisces_rl.worlds.shapes.vae)
     vae_base_dim: Optional[int] = None         # width of the first VAE block (full 8)
     vae_z_dim: Optional[int] = None            # latent channels (full 16)
-    vae_steps: Optional[int] = None            # autoencoder AdamW steps (full 1000)
-    vae_batch_size: Optional[int] = None       # clips per VAE step (full 8)
+    vae_steps: Optional[int] = None            # autoencoder AdamW steps (full 2000)
+    vae_batch_size: Optional[int] = None       # clips per VAE step (full 4)
     vae_lr: Optional[float] = None             # peak VAE learning rate (full 2e-3), cosine to 10 %
     vae_foreground_weight: float = 10.0        # extra loss weight on object pixels
     vae_kl_weight: float = 1e-4                # weight of the per-element KL term
@@ -99,9 +101,9 @@ class ShapesBaseModelConfig:
     ffn_dim: Optional[int] = None              # feed-forward width (full 512)
     freq_dim: int = 256                        # sinusoidal timestep embedding size
     # ---- flow matching
-    steps: Optional[int] = None                # transformer AdamW steps (full 1000)
-    batch_size: Optional[int] = None           # clips per step (full 32)
-    lr: Optional[float] = None                 # peak learning rate (full 1e-3), cosine to 10 %
+    steps: Optional[int] = None                # transformer AdamW steps (full 2000)
+    batch_size: Optional[int] = None           # clips per step (full 16)
+    lr: Optional[float] = None                 # peak learning rate (full 2e-3), cosine to 10 %
     warmup_steps: Optional[int] = None         # linear warm-up steps (full 50)
     weight_decay: float = 0.01                 # AdamW weight decay
     max_grad_norm: float = 1.0                 # gradient clipping
