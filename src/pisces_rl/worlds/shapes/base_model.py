@@ -212,7 +212,8 @@ def flow_matching_loss(transformer, x0: torch.Tensor, text: torch.Tensor, sigma:
 
 # ------------------------------------------------------------------------------------------------ training
 @contextmanager
-def _threads(num_threads: Optional[int]):
+def torch_threads(num_threads: Optional[int]):
+    """Run the block with ``num_threads`` torch CPU threads (None/0 = unchanged), restoring the setting after."""
     previous = torch.get_num_threads()
     if num_threads:
         torch.set_num_threads(int(num_threads))
@@ -296,7 +297,7 @@ def train_shapes_base_model(cfg: ShapesBaseModelConfig, output_dir: str, progres
     from .corpus import shapes_corpus
 
     timings: Dict[str, float] = {}
-    with _threads(cfg.num_threads):
+    with torch_threads(cfg.num_threads):
         start = time.perf_counter()
         corpus = shapes_corpus(cfg.num_videos, seed=cfg.seed, num_frames=cfg.num_frames, size=cfg.size,
                                split="train", paraphrase=cfg.paraphrase, cache_dir=cfg.corpus_cache_dir)

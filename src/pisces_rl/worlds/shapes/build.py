@@ -280,18 +280,6 @@ def _train_base_model(cfg: WorldConfig, out: Path, progress: bool) -> dict:
 
 # ----------------------------------------------------------------------------------------------- build
 @contextmanager
-def _threads(num_threads: Optional[int]):
-    import torch
-    previous = torch.get_num_threads()
-    if num_threads:
-        torch.set_num_threads(int(num_threads))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-@contextmanager
 def _locked(cache: Path):
     """Hold an exclusive lock on ``<cache>/.lock`` (POSIX), so concurrent builds of one cache run one at a time."""
     try:
@@ -376,7 +364,9 @@ def _build(cfg: WorldConfig, cache: Path, force: bool, progress: bool, num_threa
         _log(progress, f"{name}: {timings[name]:.0f} s" + (f"; held-out {shown}" if shown else ""))
 
     timings = manifest["timings"]
-    with _threads(num_threads):
+    from .base_model import torch_threads
+
+    with torch_threads(num_threads):
         corpus = None
         if any(name in todo for name in ("encoder", "ot_map", "l2_map")):
             start = time.perf_counter()
