@@ -105,9 +105,10 @@ def test_gather_lora_state_dict_single_process():
     model = acc.prepare(_lora_like())
     state = gather_lora_state_dict(acc, model)
     assert sorted(state) == ["1.bias", "1.weight"]          # trainable only
-    assert torch.equal(state["1.weight"], model[1].weight.detach())
+    assert state["1.weight"].device.type == "cpu"            # gathered to the host, wherever training runs
+    assert torch.equal(state["1.weight"], model[1].weight.detach().cpu())
     state["1.weight"].add_(1.0)                              # a copy, not a view
-    assert not torch.equal(state["1.weight"], model[1].weight.detach())
+    assert not torch.equal(state["1.weight"], model[1].weight.detach().cpu())
 
 
 def test_gather_lora_state_dict_uses_peft_for_peft_models(monkeypatch):

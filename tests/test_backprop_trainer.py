@@ -40,7 +40,7 @@ def perturb_lora(trainer, seed=0):
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in trainer.policy.trainable_parameters():
-            p.add_(0.2 * torch.randn(p.shape, generator=gen))
+            p.add_(0.2 * torch.randn(p.shape, generator=gen).to(p.device))
 
 
 def test_gradients_reach_only_lora_through_decode_and_rewards(tmp_path):

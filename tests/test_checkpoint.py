@@ -37,7 +37,7 @@ def make_run(tmp_path):
 
 
 def train_step(acc, model, opt, sched):
-    x = torch.randn(5, 4)                                   # global RNG: resuming must restore it
+    x = torch.randn(5, 4).to(acc.device)                    # global RNG: resuming must restore it
     acc.backward(model(x).pow(2).mean())                    # dropout draws from the RNG too
     opt.step()
     sched.step()

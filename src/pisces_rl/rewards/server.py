@@ -288,7 +288,7 @@ class RewardServer:
                 mean = torch.where(ok, values, 0.0).sum(0) / count.clamp(min=1)
                 score = torch.where(count > 0, mean, torch.full_like(mean, math.nan))
             skipped[entry.name] = int(bad.any(0).sum().item())
-            not_applicable[entry.name] = int((torch.isnan(score) & ~bad.any(0)).sum().item())
+            not_applicable[entry.name] = int((torch.isnan(score).cpu() & ~bad.any(0)).sum().item())
             self.skipped_total[entry.name] += skipped[entry.name]
             columns.append(score)
         scores = torch.stack(columns, dim=1)  # [B, R]
@@ -301,7 +301,7 @@ class RewardServer:
     def _run_reward(self, entry: _Entry, videos: Tensor, prompts: list[str], kwargs: dict, grad: bool,
                     out_device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
         """Score ``videos`` [N, L, C, H, W] chunk by chunk: values [N] float32 on ``out_device``,
-        ``na`` [N] (not applicable) and ``bad`` [N] (skipped after an error) masks."""
+        ``na`` [N] (not applicable) and ``bad`` [N] (skipped after an error) masks, on the CPU."""
         track = grad and entry.info.differentiable
         values, na_masks, bad_masks = [], [], []
         per_call = self.max_batch_size
@@ -331,8 +331,8 @@ class RewardServer:
                                   "and keep scores finite", None, start, stop)
                 chunk = torch.where(bad.to(out_device), self._nan(n, out_device), chunk)
             values.append(chunk)
-            na_masks.append(na)
-            bad_masks.append(bad)
+            na_masks.append(na.cpu())
+            bad_masks.append(bad.cpu())
         return torch.cat(values), torch.cat(na_masks), torch.cat(bad_masks)
 
     @staticmethod

@@ -257,7 +257,8 @@ class TrainerBase:
         comparison = {k: {"before": before.metrics[k], "after": after.metrics[k]} for k in after.metrics}
         summary = {"steps": self.step, "num_processes": acc.num_processes,
                    "distributed_type": str(acc.distributed_type), "zero_stage": zero_stage(acc),
-                   "batch": self.batch, "metrics": metrics, "eval": comparison, "eval_prompts": self.eval_prompts}
+                   "batch": self.batch, "metrics": metrics, "eval": comparison, "eval_prompts": self.eval_prompts,
+                   "history": self.history}
         with open(os.path.join(out, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2, default=float)
         print(format_summary(metrics))
