@@ -123,7 +123,7 @@ def fmt(cell) -> str:
 def markdown(table: dict, args, command: str, wall: float, runs_per: dict) -> str:
     lines = ["# ShapesWorld ablation (PISCES Table 3 in miniature)", "",
              f"Command: `{command}`", "",
-             f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, "
+             f"Machine: {_cpu_name()}, {os.cpu_count()} logical CPUs, "
              f"{args.jobs} runs at once with one torch thread each; Python {platform.python_version()}, "
              f"torch {_version('torch')}. Wall time: {wall / 60:.1f} min for {sum(runs_per.values())} runs.", "",
              "ShapesBench scores in % (mean ± std over seeds " + ", ".join(map(str, args.seeds)) + ") on the "
@@ -146,6 +146,16 @@ def markdown(table: dict, args, command: str, wall: float, runs_per: dict) -> st
     lines += ["![ShapesBench Total per row](shapes_ablation.png)", "",
               "![Training reward per row](shapes_ablation_curves.png)", ""]
     return "\n".join(lines)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _version(name: str) -> str:
