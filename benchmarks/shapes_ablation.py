@@ -124,7 +124,7 @@ def markdown(table: dict, args, command: str, wall: float, runs_per: dict) -> st
     lines = ["# ShapesWorld ablation (PISCES Table 3 in miniature)", "",
              f"Command: `{command}`", "",
              f"Machine: {_cpu_name()}, {os.cpu_count()} logical CPUs, "
-             f"{args.jobs} runs at once with one torch thread each; Python {platform.python_version()}, "
+             f"{args.jobs} runs at once with one torch thread each; {_accelerator()}; Python {platform.python_version()}, "
              f"torch {_version('torch')}. Wall time: {wall / 60:.1f} min for {sum(runs_per.values())} runs.", "",
              "ShapesBench scores in % (mean ± std over seeds " + ", ".join(map(str, args.seeds)) + ") on the "
              "held-out evaluation prompts. The base-model row is the LoRA-disabled evaluation of the same runs.", ""]
@@ -146,6 +146,13 @@ def markdown(table: dict, args, command: str, wall: float, runs_per: dict) -> st
     lines += ["![ShapesBench Total per row](shapes_ablation.png)", "",
               "![Training reward per row](shapes_ablation_curves.png)", ""]
     return "\n".join(lines)
+
+
+def _accelerator() -> str:
+    """Where the runs trained: the recipes use CUDA when torch sees it, else the CPU."""
+    import torch
+
+    return f"GPU {torch.cuda.get_device_name(0)} shared by all runs" if torch.cuda.is_available() else "CPU only"
 
 
 def _cpu_name() -> str:
