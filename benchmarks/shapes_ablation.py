@@ -80,7 +80,7 @@ def run_one(trainer: str, row: str, seed: int, args) -> dict:
         cmd = [sys.executable, str(ROOT / recipe), "--config", str(ROOT / config), f"output_dir={out}",
                f"train.seed={seed}", "logging.report_to=none", "checkpoint.save_every=0", "logging.sample_every=0",
                *([f"train.max_steps={steps}"] if steps else []), *ROWS[row], *args.set]
-        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TQDM_DISABLE="1", PYTHONUNBUFFERED="1")
+        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         out.mkdir(parents=True, exist_ok=True)
         start = time.time()
         with open(out / "run.log", "w") as log:

@@ -229,7 +229,7 @@ def test_grpo_moves_the_full_base_model_along_its_reward(tmp_path, reward, fresh
     from pisces_rl.config import GRPOConfig, load_config
     from pisces_rl.trainer import GRPOTrainer
 
-    if read_manifest() is None or read_manifest().get("profile") != "full":
+    if (read_manifest() or {}).get("profile") != "full":
         pytest.skip("needs the full ShapesWorld (make world)")
     cfg = load_config(GRPOConfig, None, [
         f"output_dir={tmp_path}", "model.pretrained=shapes", "data.prompts=shapes:train:256",

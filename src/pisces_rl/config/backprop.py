@@ -17,7 +17,7 @@ from typing import Optional
 
 from .base import ConfigBase, ConfigError, option, require, section
 from .grpo import (CheckpointConfig, DataConfig, LoggingConfig, ModelConfig, RewardsConfig, SamplingConfig,
-                   _divisors, _positive, check_video_shape)
+                   _divisors, _positive, check_video_shape, videos_per_process)
 
 __all__ = ["BackpropTrainConfig", "BackpropConfig", "backprop_batch_arithmetic", "VIDEO_DATASETS"]
 
@@ -118,17 +118,9 @@ def backprop_batch_arithmetic(cfg: BackpropConfig, num_processes: int = 1) -> di
     fusion needs whole groups in a micro-batch (its statistics are per group).
     """
     t = cfg.train
-    if not isinstance(num_processes, int) or num_processes < 1:
-        raise ConfigError(f"num_processes must be a positive integer, got {num_processes!r}")
     P, G = t.prompts_per_step, t.group_size
-    if P % num_processes:
-        raise ConfigError(f"{P} prompts per step cannot be split into whole groups over {num_processes} processes; "
-                          f"set train.prompts_per_step to a multiple of {num_processes}", "train.prompts_per_step")
-    per_process = P // num_processes * G
-    if t.latent_source == "generated" and per_process % t.sample_batch_size:
-        raise ConfigError(f"each process generates {per_process} videos per step (prompts_per_step / {num_processes} "
-                          f"processes x group_size), not divisible by {t.sample_batch_size}; use a divisor of "
-                          f"{per_process}: {_divisors(per_process)}", "train.sample_batch_size")
+    per_process = videos_per_process(t, num_processes, unit="step",
+                                     sampled="generates" if t.latent_source == "generated" else None)
     if per_process % t.train_batch_size:
         raise ConfigError(f"each process trains on {per_process} videos per step, not divisible by train_batch_size="
                           f"{t.train_batch_size}; use a divisor of {per_process}: {_divisors(per_process)}",

@@ -285,6 +285,25 @@ def _divisors(n: int) -> str:
     return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
 
 
+def videos_per_process(t, num_processes: int, unit: str, sampled: Optional[str]) -> int:
+    """Videos per process per ``unit`` (iteration/step) when ``t.prompts_per_step`` whole groups of
+    ``t.group_size`` are split over ``num_processes``; ConfigError if the groups or, when ``sampled`` names the
+    verb ("samples", "generates"), the rollout forwards of ``t.sample_batch_size`` do not divide."""
+    if not isinstance(num_processes, int) or num_processes < 1:
+        raise ConfigError(f"num_processes must be a positive integer, got {num_processes!r}")
+    P = t.prompts_per_step
+    if P % num_processes:
+        raise ConfigError(f"{P} prompts per {unit} cannot be split into whole groups over {num_processes} "
+                          f"processes; set train.prompts_per_step to a multiple of {num_processes}",
+                          "train.prompts_per_step")
+    per_process = P // num_processes * t.group_size
+    if sampled and per_process % t.sample_batch_size:
+        raise ConfigError(f"each process {sampled} {per_process} videos per {unit} (prompts_per_step / "
+                          f"{num_processes} processes x group_size), not divisible by {t.sample_batch_size}; use a "
+                          f"divisor of {per_process}: {_divisors(per_process)}", "train.sample_batch_size")
+    return per_process
+
+
 def batch_arithmetic(cfg: GRPOConfig, num_processes: int = 1) -> dict[str, int]:
     """Derived per-iteration counts for ``num_processes`` processes; ConfigError if they do not divide.
 
@@ -293,18 +312,8 @@ def batch_arithmetic(cfg: GRPOConfig, num_processes: int = 1) -> dict[str, int]:
     ``train_batch_size``, ``gradient_accumulation_steps`` micro-batches per optimiser step.
     """
     t, s = cfg.train, cfg.sampling
-    if not isinstance(num_processes, int) or num_processes < 1:
-        raise ConfigError(f"num_processes must be a positive integer, got {num_processes!r}")
     P, G = t.prompts_per_step, t.group_size
-    if P % num_processes:
-        raise ConfigError(f"{P} prompts per iteration cannot be split into whole groups over {num_processes} "
-                          f"processes; set train.prompts_per_step to a multiple of {num_processes}",
-                          "train.prompts_per_step")
-    per_process = P // num_processes * G
-    if per_process % t.sample_batch_size:
-        raise ConfigError(f"each process samples {per_process} videos per iteration (prompts_per_step / "
-                          f"{num_processes} processes x group_size), not divisible by {t.sample_batch_size}; use a "
-                          f"divisor of {per_process}: {_divisors(per_process)}", "train.sample_batch_size")
+    per_process = videos_per_process(t, num_processes, unit="iteration", sampled="samples")
     step = t.train_batch_size * t.gradient_accumulation_steps
     if per_process % step:
         raise ConfigError(f"each process trains on {per_process} videos per inner epoch, not divisible by "
