@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from transformers import AutoTokenizer, BlipConfig, BlipForImageTextRetrieval
 
 from .base import AttentionFuser, TextFeatures, VideoFeatures, check_videos
+from .temporal import TemporalAdapter
 from .tokenizer import build_tiny_tokenizer
 
 __all__ = ["BlipVideoTextEncoder", "tiny_blip_config"]
@@ -47,6 +48,7 @@ DEFAULT_IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 DEFAULT_IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 ADAPTER_CONFIG = "pisces_encoder.json"
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
+TEMPORAL_WEIGHTS = "pisces_temporal.safetensors"
 
 _ACTIVE_FUSER: contextvars.ContextVar = contextvars.ContextVar("pisces_blip_attention_fuser", default=None)
 
@@ -89,13 +91,15 @@ class BlipVideoTextEncoder(nn.Module):
         image_mean, image_std: per-channel normalisation of the vision tower (BLIP/CLIP defaults if None).
         max_text_length: prompts are truncated to this many tokens (incl. [CLS]/[SEP]).
         frozen: put the model in eval mode with ``requires_grad=False`` on all parameters.
+        temporal: an optional :class:`~pisces_rl.encoders.temporal.TemporalAdapter` that makes the visual tokens
+            frame-order aware (saved beside the BLIP weights; a real BLIP checkpoint has none).
 
     Construct with :meth:`from_pretrained` (a local checkpoint dir) or :meth:`tiny` (random, built in code).
     """
 
     def __init__(self, model: BlipForImageTextRetrieval, tokenizer, num_frames: Optional[int] = None,
                  image_mean: Sequence[float] = DEFAULT_IMAGE_MEAN, image_std: Sequence[float] = DEFAULT_IMAGE_STD,
-                 max_text_length: int = 64, frozen: bool = True):
+                 max_text_length: int = 64, frozen: bool = True, temporal: Optional[TemporalAdapter] = None):
         super().__init__()
         if num_frames is not None and int(num_frames) < 1:
             raise ValueError(f"num_frames must be >= 1 or None (all frames), got {num_frames}")
@@ -109,6 +113,10 @@ class BlipVideoTextEncoder(nn.Module):
         self.image_size = vcfg.image_size
         self.grid = (vcfg.image_size // vcfg.patch_size,) * 2
         self.embed_dim = model.config.image_text_hidden_size
+        if temporal is not None and temporal.hidden_size != vcfg.hidden_size:
+            raise ValueError(f"the temporal adapter's width {temporal.hidden_size} does not match the vision "
+                             f"tower's hidden_size {vcfg.hidden_size}")
+        self.temporal = temporal
         self.register_buffer("image_mean", torch.tensor(image_mean, dtype=torch.float32).view(3, 1, 1),
                              persistent=False)
         self.register_buffer("image_std", torch.tensor(image_std, dtype=torch.float32).view(3, 1, 1),
@@ -128,20 +136,27 @@ class BlipVideoTextEncoder(nn.Module):
         """Eval mode and ``requires_grad=False`` on every parameter (gradients still reach the videos)."""
         self.model.eval()
         self.model.requires_grad_(False)
+        if self.temporal is not None:
+            self.temporal.eval()
+            self.temporal.requires_grad_(False)
         return self
 
     @classmethod
-    def tiny(cls, seed: int = 0, num_frames: Optional[int] = None, **config_kwargs) -> "BlipVideoTextEncoder":
+    def tiny(cls, seed: int = 0, num_frames: Optional[int] = None, temporal_frames: Optional[int] = None,
+             **config_kwargs) -> "BlipVideoTextEncoder":
         """A random tiny encoder built in code (tokenizer included); same weights for the same ``seed``.
 
         ``config_kwargs`` go to :func:`tiny_blip_config` (hidden_size, num_layers, num_heads, image_size, ...).
+        ``temporal_frames`` adds a (zero-initialised) :class:`TemporalAdapter` with a table for that many frames.
         """
         tokenizer = build_tiny_tokenizer()
         config = tiny_blip_config(vocab_size=len(tokenizer), **config_kwargs)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = BlipForImageTextRetrieval(config)
-        return cls(model, tokenizer, num_frames=num_frames)
+        temporal = None if temporal_frames is None else TemporalAdapter(config.vision_config.hidden_size,
+                                                                         temporal_frames)
+        return cls(model, tokenizer, num_frames=num_frames, temporal=temporal)
 
     @classmethod
     def from_pretrained(cls, path: Union[str, Path], num_frames: Optional[int] = None, device=None, dtype=None,
@@ -167,7 +182,17 @@ class BlipVideoTextEncoder(nn.Module):
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         options = json.loads((path / ADAPTER_CONFIG).read_text()) if (path / ADAPTER_CONFIG).is_file() else {}
         pre = json.loads((path / PREPROCESSOR_CONFIG).read_text()) if (path / PREPROCESSOR_CONFIG).is_file() else {}
-        encoder = cls(model, tokenizer,
+        temporal = None
+        if options.get("temporal_frames"):
+            from safetensors.torch import load_file
+
+            if not (path / TEMPORAL_WEIGHTS).is_file():
+                raise FileNotFoundError(f"{str(path)!r}: {ADAPTER_CONFIG} names a temporal adapter but "
+                                        f"{TEMPORAL_WEIGHTS} is missing; re-save the encoder with save_pretrained")
+            temporal = TemporalAdapter(model.config.vision_config.hidden_size, options["temporal_frames"])
+            temporal.load_state_dict(load_file(str(path / TEMPORAL_WEIGHTS)))
+            temporal.to(dtype=next(model.parameters()).dtype)
+        encoder = cls(model, tokenizer, temporal=temporal,
                       num_frames=num_frames if num_frames is not None else options.get("num_frames"),
                       image_mean=pre.get("image_mean", DEFAULT_IMAGE_MEAN),
                       image_std=pre.get("image_std", DEFAULT_IMAGE_STD),
@@ -186,6 +211,12 @@ class BlipVideoTextEncoder(nn.Module):
                "image_mean": self.image_mean.flatten().tolist(), "image_std": self.image_std.flatten().tolist()}
         (directory / PREPROCESSOR_CONFIG).write_text(json.dumps(pre, indent=2))
         options = {"adapter": "blip", "num_frames": self.num_frames, "max_text_length": self.max_text_length}
+        if self.temporal is not None:
+            from safetensors.torch import save_file
+
+            options["temporal_frames"] = self.temporal.num_frames
+            save_file({k: v.detach().contiguous() for k, v in self.temporal.state_dict().items()},
+                      str(directory / TEMPORAL_WEIGHTS))
         (directory / ADAPTER_CONFIG).write_text(json.dumps(options, indent=2))
         return directory
 
@@ -225,6 +256,10 @@ class BlipVideoTextEncoder(nn.Module):
 
     def encode_video(self, videos: Tensor) -> VideoFeatures:
         """Encode ``videos[B, F, C, H, W]`` in [0, 1]; differentiable w.r.t. ``videos``."""
+        return self.features_from_states(self.encode_frames(videos))
+
+    def encode_frames(self, videos: Tensor) -> Tensor:
+        """Per-frame vision states ``[B, F', 1+h*w, Dv]`` of ``videos[B, F, C, H, W]`` (after frame subsampling)."""
         videos = self.sample_frames(check_videos(videos))
         b, f, c, h, w = videos.shape
         frames = videos.reshape(b * f, c, h, w).to(device=self.device, dtype=self.dtype)
@@ -233,9 +268,20 @@ class BlipVideoTextEncoder(nn.Module):
             frames = F.interpolate(frames, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         frames = (frames - self.image_mean.to(frames.dtype)) / self.image_std.to(frames.dtype)
         states = self.model.vision_model(pixel_values=frames).last_hidden_state   # [B*F, 1+h*w, Dv]
-        states = states.reshape(b, f, states.shape[1], states.shape[2])
-        visual_cls = states[:, :, 0].mean(dim=1, keepdim=True)                   # [B, 1, Dv]
-        tokens = torch.cat([visual_cls, states[:, :, 1:].flatten(1, 2)], dim=1)  # [B, 1+F*h*w, Dv]
+        return states.reshape(b, f, states.shape[1], states.shape[2])
+
+    def features_from_states(self, states: Tensor) -> VideoFeatures:
+        """:class:`VideoFeatures` from per-frame states ``[B, F, 1+h*w, Dv]`` (see :meth:`encode_frames`).
+
+        Without a temporal adapter the visual [CLS] is the mean of the frame [CLS] tokens and the patch tokens are
+        the frames' own; with one, both become frame-order aware (:class:`TemporalAdapter`).
+        """
+        f = states.shape[1]
+        if self.temporal is None:
+            visual_cls, patches = states[:, :, 0].mean(dim=1, keepdim=True), states[:, :, 1:].flatten(1, 2)
+        else:
+            visual_cls, patches = self.temporal(states)                          # [B, 1, Dv], [B, F*h*w, Dv]
+        tokens = torch.cat([visual_cls, patches], dim=1)                         # [B, 1+F*h*w, Dv]
         embeddings = F.normalize(self.model.vision_proj(tokens), dim=-1)         # [B, M, D]
         frame_index, patch_position = self.token_positions(f, device=tokens.device, dtype=tokens.dtype)
         return VideoFeatures(pooled_embedding=embeddings[:, 0], tokens=tokens, token_embeddings=embeddings,

@@ -200,7 +200,8 @@ def _train_encoder(cfg: WorldConfig, corpora, out: Path, progress: bool) -> dict
     """Train, save, reload from disk and evaluate the encoder on the held-out corpus."""
     from pisces_rl.encoders import BlipVideoTextEncoder
 
-    from .encoder_training import evaluate_encoder, train_shapes_encoder
+    from .encoder_eval import evaluate_encoder
+    from .encoder_training import train_shapes_encoder
 
     encoder, history = train_shapes_encoder(corpora[0], cfg.encoder, progress=progress)
     encoder.save_pretrained(out)
