@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from .base import AttentionFuser, TextFeatures, VideoFeatures, VideoTextEncoder, check_videos
 from .blip import BlipVideoTextEncoder, tiny_blip_config
+from .temporal import TemporalAdapter
 from .tokenizer import build_tiny_tokenizer
 
 __all__ = ["VideoTextEncoder", "TextFeatures", "VideoFeatures", "AttentionFuser", "check_videos",
-           "BlipVideoTextEncoder", "tiny_blip_config", "build_tiny_tokenizer", "load_encoder"]
+           "BlipVideoTextEncoder", "tiny_blip_config", "TemporalAdapter", "build_tiny_tokenizer", "load_encoder"]
 
 
 def load_encoder(spec, num_frames=None, device=None, dtype=None):

@@ -255,9 +255,9 @@ def train_shapes_encoder(dataset, cfg: ShapesEncoderConfig = ShapesEncoderConfig
 
     moving = torch.tensor([any(o.motion != "still" for o in a.objects) for a in attrs])
     encoder = BlipVideoTextEncoder.tiny(
-        seed=cfg.seed, num_frames=cfg.num_frames, temporal_frames=cfg.num_frames if cfg.temporal else None, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
-        num_heads=cfg.num_heads, image_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
-        initializer_range=cfg.init_range)
+        seed=cfg.seed, num_frames=cfg.num_frames, temporal_frames=cfg.num_frames if cfg.temporal else None,
+        hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, num_heads=cfg.num_heads, image_size=cfg.image_size,
+        patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, initializer_range=cfg.init_range)
     encoder.to(device or "cpu").train()
     encoder.requires_grad_(True)
     logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07), device=encoder.device))
