@@ -119,3 +119,19 @@ def test_before_after_evaluation_with_a_judge(tmp_path):
     # "before" is the base model: evaluating it again with the LoRA disabled reproduces it exactly
     again = trainer.evaluate(base_model=True).metrics
     assert again["judge/total"] == evaluation["judge/total"]["before"]
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_shared_group_noise_starts_a_group_from_one_latent(tmp_path, shared):
+    cfg = tiny_config(tmp_path, "train.prompts_per_step=2", "train.group_size=3", "train.sample_batch_size=2",
+                      f"train.shared_group_noise={str(shared).lower()}")
+    trainer = GRPOTrainer(cfg, rewards={"brightness": mean_brightness})
+    rollout, group_ids = trainer.sample(0)
+    start = rollout.latents[:, 0]                                               # [B, C, F, h, w]
+    same = torch.tensor([[torch.equal(start[i], start[j]) for j in range(6)] for i in range(6)])
+    in_group = group_ids[:, None] == group_ids[None, :]
+    if shared:
+        assert same[in_group].all() and not same[~in_group].any()
+        assert not torch.equal(rollout.latents[0, -1], rollout.latents[1, -1])   # the SDE steps still differ
+    else:
+        assert same.sum() == 6                                                  # only each video with itself

@@ -158,6 +158,8 @@ class TrainConfig(ConfigBase):
     train_batch_size: int = option(2, "videos per update micro-batch, per process")
     gradient_accumulation_steps: int = option(1, "micro-batches per optimiser step")
     num_inner_epochs: int = option(1, "passes over each iteration's rollouts")
+    shared_group_noise: bool = option(False, "the videos of a group start from the same initial noise, so they "
+                                             "differ only by the SDE steps that the policy gradient credits")
     learning_rate: float = option(1e-4, "AdamW learning rate")
     weight_decay: float = option(0.0, "AdamW weight decay")
     adam_betas: tuple[float, float] = option((0.9, 0.999), "AdamW betas")

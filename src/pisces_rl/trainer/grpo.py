@@ -68,9 +68,19 @@ class GRPOTrainer(TrainerBase):
         gen = torch.Generator(device="cpu").manual_seed(seed_for(self.config.train.seed, iteration,
                                                               self.accelerator.process_index))
         self.policy.transformer.eval()
-        chunks = [sample_rollout(self.policy, prompts[i:i + sbs], self.config.sampling, generator=gen)
+        latents = self._group_noise(group_ids, gen) if self.config.train.shared_group_noise else None
+        chunks = [sample_rollout(self.policy, prompts[i:i + sbs], self.config.sampling, generator=gen,
+                                 latents=None if latents is None else latents[i:i + sbs])
                   for i in range(0, len(prompts), sbs)]
         return Rollout.cat(chunks), torch.as_tensor(group_ids)
+
+    def _group_noise(self, group_ids, gen: torch.Generator) -> torch.Tensor:
+        """Initial noise ``[B, C, F, h, w]``, one draw per group repeated over its videos."""
+        s = self.config.sampling
+        ids = torch.as_tensor(group_ids)
+        groups, index = torch.unique(ids, return_inverse=True)
+        noise = torch.randn(self.policy.latent_shape(len(groups), s.num_frames, s.height, s.width), generator=gen)
+        return noise[index]
 
     def advantages(self, scores, group_ids: torch.Tensor) -> torch.Tensor:
         """Group-normalised, clipped advantages (``train.advantage_mode``)."""
