@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .encoder_training import NEGATIVE_KINDS, _cat_video, _select, corpus_attributes, hard_negative
+from .encoder_training import NEGATIVE_KINDS, _cat_video, _select, corpus_attributes, hard_negative, moves
 
 __all__ = ["evaluate_encoder"]
 
@@ -47,14 +47,20 @@ def evaluate_encoder(encoder, dataset, pool_size: int = 200, rerank_k: int = 8, 
     videos = torch.from_numpy(np.ascontiguousarray(dataset.with_format("numpy", dtype="uint8")[:]["video"]))
     captions = list(dataset["canonical_caption"])
     attrs = corpus_attributes(dataset)
-    feats = _cat_video([encoder.encode_video(videos[s:s + batch_size].movedim(-1, -3).float() / 255.0)
-                        for s in range(0, len(videos), batch_size)])
 
-    def match(texts: list[str], rows: list[int], cosine: bool = False) -> Tensor:  # [len(texts)]
+    def encode(clips: Tensor):                                     # uint8 [N, F, H, W, 3] -> VideoFeatures
+        return _cat_video([encoder.encode_video(clips[s:s + batch_size].movedim(-1, -3).float() / 255.0)
+                           for s in range(0, len(clips), batch_size)])
+
+    feats = encode(videos)
+
+    def match(texts: list[str], rows: list[int], cosine: bool = False, clips=None) -> Tensor:  # [len(texts)]
+        """ITM p(match) (or ITC cosine) of ``texts[i]`` with clip ``rows[i]`` of ``clips`` (default: the corpus)."""
+        clips = feats if clips is None else clips
         out = []
         for s in range(0, len(texts), batch_size):
             text = encoder.encode_text(texts[s:s + batch_size])
-            video = _select(feats, torch.tensor(rows[s:s + batch_size]))
+            video = _select(clips, torch.tensor(rows[s:s + batch_size]))
             out.append((text.cls_embedding * video.pooled_embedding).sum(-1) if cosine else
                        encoder.match_probability(text, video))
         return torch.cat(out)
@@ -108,22 +114,14 @@ def evaluate_encoder(encoder, dataset, pool_size: int = 200, rerank_k: int = 8, 
     metrics["itm_pos_mean"] = float(p_pos.mean())
     metrics["itm_neg_mean"] = float(p_neg[learnable].mean())
 
-    moving = [i for i, a in enumerate(attrs) if any(o.motion != "still" for o in a.objects)]
+    moving = torch.nonzero(moves(attrs)).squeeze(1).tolist()
     if moving:
-        clips = videos[torch.tensor(moving)].flip(1)
-        back = _cat_video([encoder.encode_video(clips[s:s + batch_size].movedim(-1, -3).float() / 255.0)
-                           for s in range(0, len(clips), batch_size)])
-        texts = [captions[i] for i in moving]
-        p_back, cos_back = [], []
-        for s in range(0, len(texts), batch_size):
-            text = encoder.encode_text(texts[s:s + batch_size])
-            video = _select(back, torch.arange(s, min(s + batch_size, len(texts))))
-            p_back.append(encoder.match_probability(text, video))
-            cos_back.append((text.cls_embedding * video.pooled_embedding).sum(-1))
-        forward_cos = match(texts, moving, cosine=True)
+        back = encode(videos[torch.tensor(moving)].flip(1))       # each moving clip played backwards
+        texts, order = [captions[i] for i in moving], list(range(len(moving)))
+        p_back, cos_back = match(texts, order, clips=back), match(texts, order, cosine=True, clips=back)
         margin = 1e-4                                  # an order-blind encoder differs only by rounding: a tie
-        metrics["itm_pair_acc/reversed"] = float(
-            (p_pos[torch.tensor(moving)] - torch.cat(p_back) > margin).float().mean())
-        metrics["itc_pair_acc/reversed"] = float((forward_cos - torch.cat(cos_back) > margin).float().mean())
+        metrics["itm_pair_acc/reversed"] = float((p_pos[torch.tensor(moving)] - p_back > margin).float().mean())
+        metrics["itc_pair_acc/reversed"] = float(
+            (match(texts, moving, cosine=True) - cos_back > margin).float().mean())
         metrics["count/reversed"] = len(moving)
     return metrics

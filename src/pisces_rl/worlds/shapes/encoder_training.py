@@ -49,7 +49,8 @@ from torch import Tensor
 from .captions import ObjectQuery, PromptAttributes, caption_from_attributes
 from .spec import COLOURS, MOTIONS, RELATIONS, SHAPES
 
-__all__ = ["ShapesEncoderConfig", "NEGATIVE_KINDS", "corpus_attributes", "hard_negative", "train_shapes_encoder"]
+__all__ = ["ShapesEncoderConfig", "NEGATIVE_KINDS", "corpus_attributes", "moves", "hard_negative",
+           "train_shapes_encoder"]
 
 
 NEGATIVE_KINDS = ("colour", "shape", "count", "motion", "relation", "binding", "direction")
@@ -96,6 +97,11 @@ def corpus_attributes(dataset) -> list[PromptAttributes]:
     return [PromptAttributes(objects=tuple(ObjectQuery(*o) for o in zip(s, c, n, m)), relation=r or None)
             for s, c, n, m, r in zip(cols["shapes"], cols["colours"], cols["counts"], cols["motions"],
                                      cols["relation"])]
+
+
+def moves(attrs: Sequence[PromptAttributes]) -> Tensor:
+    """``[N]`` bool: True for the scenes in which some object moves (their time reversal is another scene)."""
+    return torch.tensor([any(o.motion != "still" for o in a.objects) for a in attrs], dtype=torch.bool)
 
 
 def _canonical(attrs: PromptAttributes) -> tuple:
@@ -253,7 +259,7 @@ def train_shapes_encoder(dataset, cfg: ShapesEncoderConfig = ShapesEncoderConfig
     n = len(captions)
     batch = min(cfg.batch_size, n)
 
-    moving = torch.tensor([any(o.motion != "still" for o in a.objects) for a in attrs])
+    moving = moves(attrs)
     encoder = BlipVideoTextEncoder.tiny(
         seed=cfg.seed, num_frames=cfg.num_frames, temporal_frames=cfg.num_frames if cfg.temporal else None,
         hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, num_heads=cfg.num_heads, image_size=cfg.image_size,
@@ -261,7 +267,7 @@ def train_shapes_encoder(dataset, cfg: ShapesEncoderConfig = ShapesEncoderConfig
     encoder.to(device or "cpu").train()
     encoder.requires_grad_(True)
     logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07), device=encoder.device))
-    named = [(name, p) for name, p in encoder.named_parameters()]
+    named = list(encoder.named_parameters())
     decay = [p for name, p in named if p.dim() > 1 and "embedding" not in name]
     no_decay = [p for name, p in named if not (p.dim() > 1 and "embedding" not in name)]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
