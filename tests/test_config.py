@@ -175,6 +175,10 @@ def test_batch_arithmetic_numbers_and_errors():
     assert b["rollout_forwards_per_process"] == 2 and b["micro_batches_per_epoch"] == 4
     assert b["optimizer_steps_per_iteration"] == 4 and b["total_optimizer_steps"] == 12
     assert b["videos_per_optimizer_step"] == 8 and b["train_timesteps_per_video"] == 5  # ceil(1.0 * (6 - 1))
+    windowed = load_config(GRPOConfig, overrides=["sampling.sde_window=[1,4]", "sampling.train_timestep_fraction=0.5"])
+    assert batch_arithmetic(windowed, 1)["train_timesteps_per_video"] == 2                # ceil(0.5 * 3)
+    with pytest.raises(ConfigError, match=r"sampling.sde_window: must be \[start, stop\] .* got \[2, 6\]"):
+        load_config(GRPOConfig, overrides=["sampling.sde_window=[2,6]"])
     with pytest.raises(ConfigError, match=r"train.prompts_per_step: 4 prompts .* over 3 processes; .* multiple of 3"):
         batch_arithmetic(cfg, 3)
     cfg.train.sample_batch_size = 8  # 8 videos per process with 2 processes, 4 with 4

@@ -135,3 +135,18 @@ def test_shared_group_noise_starts_a_group_from_one_latent(tmp_path, shared):
         assert not torch.equal(rollout.latents[0, -1], rollout.latents[1, -1])   # the SDE steps still differ
     else:
         assert same.sum() == 6                                                  # only each video with itself
+
+
+def test_sde_window_with_shared_noise_trains_on_the_window_steps_only(tmp_path):
+    """Flow-GRPO-Fast style: a group shares its start, steps outside sampling.sde_window are ODE steps, so a group's
+    videos agree until the window and every trained step lies inside it; the update still moves the LoRA."""
+    cfg = tiny_config(tmp_path, "train.shared_group_noise=true", "train.group_size=3", "train.sample_batch_size=3",
+                      "train.train_batch_size=3", "sampling.num_inference_steps=4", "sampling.sde_window=[1,2]")
+    trainer = GRPOTrainer(cfg, rewards={"brightness": mean_brightness})
+    rollout, _ = trainer.sample(0)
+    assert torch.equal(rollout.train_step_indices, torch.ones(3, 1, dtype=torch.long))
+    torch.testing.assert_close(rollout.latents[0, :2], rollout.latents[2, :2], atol=1e-5, rtol=0)  # row order only
+    assert (rollout.latents[0, 2] - rollout.latents[2, 2]).abs().max() > 0.1
+    lora0 = lora_state(trainer)
+    trainer.train()
+    assert any(not torch.equal(lora0[k], v) for k, v in lora_state(trainer).items())

@@ -191,6 +191,35 @@ def test_rescore_with_the_same_weights_gives_ratio_one():
     assert (ref.log_prob - old).abs().max() > 1e-4, "the reference (LoRA off) model must score differently"
 
 
+def test_sde_window_injects_noise_only_inside_and_trains_only_there():
+    """sde_window=[1, 3] on 5 steps: steps 0, 3, 4 are ODE steps (log-prob 0, never trained), and videos that
+    share their initial noise stay identical until step 1, then differ; re-scoring still gives ratio 1."""
+    policy = tuned_policy()
+    cfg = sampling_cfg(num_inference_steps=5, sde_window=[1, 3])
+    start = torch.randn(policy.latent_shape(1, 5, 32, 32), generator=gen(7)).expand(4, -1, -1, -1, -1)
+    r = sample_rollout(policy, PROMPTS[:1] * 4, cfg, generator=gen(), latents=start)
+    assert r.sde_window == (1, 3)
+    assert torch.equal(r.train_step_indices, torch.tensor([[1, 2]] * 4))
+    assert (r.log_probs[:, 1:3] != 0).all() and torch.equal(r.log_probs[:, [0, 3, 4]], torch.zeros(4, 3))
+    for i in range(1, 4):   # identical before the window (up to the batch row's float rounding), apart after it
+        torch.testing.assert_close(r.latents[i, :2], r.latents[0, :2], atol=1e-5, rtol=0)
+        assert (r.latents[i, 3] - r.latents[0, 3]).abs().max() > 0.01
+    for step in range(5):
+        new = rescore_log_prob(policy, r, step)
+        torch.testing.assert_close(new.log_prob, r.log_probs[:, step], atol=1e-5, rtol=0)
+        if step not in (1, 2):   # an ODE step: its recorded output is exactly the deterministic mean
+            torch.testing.assert_close(new.mean, r.latents[:, step + 1], atol=1e-5, rtol=0)
+    mixed = rescore_log_prob(policy, r, torch.tensor([0, 1, 2, 3]))
+    assert mixed.log_prob[0] == 0 and mixed.log_prob[3] == 0 and (mixed.log_prob[1:3] != 0).all()
+    half = sample_rollout(policy, PROMPTS * 2, sampling_cfg(num_inference_steps=5, sde_window=[0, 4],
+                                                            train_timestep_fraction=0.5), generator=gen())
+    assert half.train_step_indices.shape == (4, 2)
+    with pytest.raises(ValueError, match="sde_window"):
+        sample_rollout(policy, PROMPTS, sampling_cfg(sde_window=[2, 9]))
+    with pytest.raises(ValueError, match="different settings"):
+        cat([r, sample_rollout(policy, PROMPTS, sampling_cfg(num_inference_steps=5), generator=gen())])
+
+
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_gradients_reach_lora_params_only(checkpointing):
     policy = tuned_policy(gradient_checkpointing=checkpointing)

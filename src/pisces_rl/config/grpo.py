@@ -37,11 +37,15 @@ def _check_source(key: str, value: Optional[str], names: tuple = (), what: str =
 
 
 def train_timesteps_per_video(sampling) -> int:
-    """K = ceil(fraction * (T - 1)): the stochastic steps (all but the last, noise-free one) trained per video.
+    """K = ceil(fraction * T_s): the stochastic steps trained per video.
 
+    ``T_s`` is ``T - 1`` (all but the last, noise-free step), or the steps of ``sde_window`` below ``T - 1``.
     Same rule as :func:`pisces_rl.rollout.select_train_steps`.
     """
-    return math.ceil(sampling.train_timestep_fraction * (sampling.num_inference_steps - 1))
+    last = sampling.num_inference_steps - 1
+    window = getattr(sampling, "sde_window", None)
+    stochastic = last if window is None else max(0, min(window[1], last) - window[0])
+    return math.ceil(sampling.train_timestep_fraction * stochastic)
 
 
 def _positive(obj: object, *names: str, zero_ok: bool = False) -> None:
@@ -91,6 +95,8 @@ class SamplingConfig(ConfigBase):
     eta: float = option(0.25, "SDE noise level of the sampler (> 0; larger = more exploration)")
     train_timestep_fraction: float = option(1.0, "fraction of the denoising steps trained on (a random subset "
                                                  "per rollout), in (0, 1]")
+    sde_window: Optional[list[int]] = option(None, "[start, stop]: only denoising steps start <= i < stop inject SDE "
+                                                   "noise, the rest are ODE steps (Flow-GRPO-Fast); null = all")
     decode_chunk_size: int = option(0, "videos per VAE decode call (0 = all at once)")
     negative_prompt: str = option("", "negative prompt for classifier-free guidance")
     max_sequence_length: int = option(32, "text tokens given to the text encoder")
@@ -102,6 +108,11 @@ class SamplingConfig(ConfigBase):
         require(0 < f <= 1, "train_timestep_fraction", f"must be in (0, 1], got {f}")
         require(self.num_inference_steps >= 2, "num_inference_steps",
                 "must be >= 2: the last (noise-free) step is never trained on")
+        w = self.sde_window
+        if w is not None:
+            require(len(w) == 2 and 0 <= w[0] < w[1] <= self.num_inference_steps - 1, "sde_window",
+                    f"must be [start, stop] with 0 <= start < stop <= num_inference_steps - 1 = "
+                    f"{self.num_inference_steps - 1} (the last step is noise-free), got {w}")
 
 
 @dataclass

@@ -5,8 +5,13 @@ same flow-matching schedule (scheduler shift included), the same initial noise f
 and the same guided velocity; each Euler step is replaced by :func:`sde_step_with_logprob`. With
 ``eta = 0`` it reproduces the pipeline's output.
 
-Trained steps: only stochastic steps (``eta > 0`` and ``sigma_next > 0``, i.e. all but the last of
-the T steps) have a log-probability. Of those ``T_s`` steps each video trains on
+SDE window (``sampling.sde_window = [start, stop]``, Flow-GRPO-Fast / MixGRPO): only steps
+``start <= i < stop`` inject noise; the others are deterministic Euler (ODE) steps. With a shared
+initial noise per group, every difference between a group's videos then comes from the trained
+steps, instead of from noise the policy gradient cannot credit. ``None`` makes every step stochastic.
+
+Trained steps: only stochastic steps (``eta > 0``, inside the SDE window, and ``sigma_next > 0``, i.e.
+not the last of the T steps) have a log-probability. Of those ``T_s`` steps each video trains on
 ``K = ceil(train_timestep_fraction * T_s)``: all of them when the fraction is 1, otherwise an
 independent uniformly random subset per video (drawn from ``generator``), stored sorted in
 ``Rollout.train_step_indices [B, K]``.
@@ -14,7 +19,7 @@ independent uniformly random subset per video (drawn from ``generator``), stored
 from __future__ import annotations
 
 import math
-from typing import Any, List, Optional, Sequence, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
@@ -40,13 +45,28 @@ def _check_sampling_cfg(cfg: Any) -> None:
         raise ValueError(f"sampling.decode_chunk_size must be >= 0, got {cfg.decode_chunk_size}")
 
 
+def _window(cfg: Any, num_steps: int) -> Optional[Tuple[int, int]]:
+    """``sampling.sde_window`` as a checked ``(start, stop)`` pair, or None (every step stochastic)."""
+    window = getattr(cfg, "sde_window", None)
+    if window is None:
+        return None
+    if len(window) != 2 or not 0 <= int(window[0]) < int(window[1]) <= num_steps:
+        raise ValueError(f"sampling.sde_window must be [start, stop] with 0 <= start < stop <= "
+                         f"num_inference_steps={num_steps}, got {list(window)}")
+    return int(window[0]), int(window[1])
+
+
 def select_train_steps(sigmas: torch.Tensor, eta: float, fraction: float, batch_size: int,
-                       generator: Generator = None) -> torch.Tensor:
+                       generator: Generator = None, sde_window: Optional[Tuple[int, int]] = None) -> torch.Tensor:
     """``[B, K]`` sorted indices of the steps to train on (see the module docstring for the rule).
 
     ``K = 0`` (an empty ``[B, 0]`` tensor) when no step is stochastic (``eta = 0`` or ``T = 1``).
     """
-    stochastic = torch.nonzero(sigmas[1:].cpu() > 0).flatten() if eta > 0 else torch.zeros(0, dtype=torch.long)
+    noisy = sigmas[1:].cpu() > 0
+    if sde_window is not None:
+        steps = torch.arange(noisy.numel())
+        noisy &= (steps >= sde_window[0]) & (steps < sde_window[1])
+    stochastic = torch.nonzero(noisy).flatten() if eta > 0 else torch.zeros(0, dtype=torch.long)
     n = stochastic.numel()
     k = min(n, math.ceil(fraction * n))
     if k == n:
@@ -92,6 +112,7 @@ def sample_rollout(policy: Any, prompts: Sequence[str], sampling_cfg: Any, gener
     prompt_embeds, negative_embeds = policy.encode_prompts(
         prompts, getattr(cfg, "negative_prompt", "") or "", do_cfg, getattr(cfg, "max_sequence_length", 512))
     timesteps, sigmas = policy.flow_schedule(cfg.num_inference_steps)
+    window = _window(cfg, len(timesteps))
 
     if latents is None:
         x = randn_tensor(shape, generator=generator, device=policy.device, dtype=torch.float32)
@@ -103,7 +124,8 @@ def sample_rollout(policy: Any, prompts: Sequence[str], sampling_cfg: Any, gener
     trajectory, log_probs = [x], []
     for i in range(len(timesteps)):
         velocity = policy.predict_velocity(x, timesteps[i], prompt_embeds, negative_embeds, guidance)
-        step = sde_step_with_logprob(velocity, x, sigmas[i], sigmas[i + 1], eta, generator=generator)
+        step_eta = eta if window is None or window[0] <= i < window[1] else 0.0
+        step = sde_step_with_logprob(velocity, x, sigmas[i], sigmas[i + 1], step_eta, generator=generator)
         x = step.prev_sample
         trajectory.append(x)
         log_probs.append(step.log_prob)
@@ -118,10 +140,11 @@ def sample_rollout(policy: Any, prompts: Sequence[str], sampling_cfg: Any, gener
         timesteps=timesteps,
         sigmas=sigmas,
         train_step_indices=select_train_steps(
-            sigmas, eta, getattr(cfg, "train_timestep_fraction", 1.0), b, generator).to(policy.device),
+            sigmas, eta, getattr(cfg, "train_timestep_fraction", 1.0), b, generator, window).to(policy.device),
         videos=videos,
         guidance_scale=guidance,
         eta=eta,
+        sde_window=window,
     )
 
 
@@ -160,5 +183,5 @@ def rescore_log_prob(policy: Any, rollout: Rollout, step_index: Union[int, torch
     negative = None if rollout.negative_prompt_embeds is None else rollout.negative_prompt_embeds[rows]
     velocity = policy.predict_velocity(x_t, rollout.timesteps[steps], rollout.prompt_embeds[rows], negative,
                                        rollout.guidance_scale)
-    return sde_step_with_logprob(velocity, x_t, rollout.sigmas[steps], rollout.sigmas[steps + 1], rollout.eta,
-                                 prev_sample=x_next)
+    return sde_step_with_logprob(velocity, x_t, rollout.sigmas[steps], rollout.sigmas[steps + 1],
+                                 rollout.step_eta(steps), prev_sample=x_next)

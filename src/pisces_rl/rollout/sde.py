@@ -85,7 +85,7 @@ def _as_batch_column(value: Scalar, name: str, batch: int, ndim: int, device: to
     return t.reshape(-1, *([1] * (ndim - 1)))
 
 
-def sde_std(sigma: torch.Tensor, sigma_next: torch.Tensor, eta: float) -> torch.Tensor:
+def sde_std(sigma: torch.Tensor, sigma_next: torch.Tensor, eta: Scalar) -> torch.Tensor:
     """Transition std ``eta * sqrt(sigma / (1 - sigma~)) * sqrt(sigma - sigma_next)``, 0 when deterministic.
 
     ``sigma~`` is ``sigma`` except at ``sigma == 1``, where it is ``sigma_next`` (no division by zero).
@@ -104,7 +104,7 @@ def sde_step_with_logprob(
     latents: torch.Tensor,
     sigma: Scalar,
     sigma_next: Scalar,
-    eta: float,
+    eta: Scalar,
     prev_sample: Optional[torch.Tensor] = None,
     generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
     noise: Optional[torch.Tensor] = None,
@@ -117,7 +117,8 @@ def sde_step_with_logprob(
         latents: ``[B, ...]`` current latent ``x_sigma``.
         sigma: current noise level in (0, 1]; float, 0-d tensor or ``[B]`` tensor.
         sigma_next: next noise level in [0, sigma); same forms as ``sigma``.
-        eta: SDE noise level (>= 0). ``eta = 0`` is the deterministic Euler ODE step.
+        eta: SDE noise level (>= 0), a float or a ``[B]`` tensor (one level per video, e.g. 0 for
+            videos whose step lies outside an SDE window). ``eta = 0`` is the deterministic Euler ODE step.
         prev_sample: scoring mode: the recorded next latent ``[B, ...]`` whose log-prob is
             returned (it is detached; gradients flow through ``mean`` only). If None, one is sampled.
         generator: torch generator(s) for the sampled noise (one per batch item if a list).
@@ -134,9 +135,10 @@ def sde_step_with_logprob(
         raise ValueError(f"velocity {tuple(velocity.shape)} and latents {tuple(latents.shape)} must have the same shape")
     if prev_sample is not None and prev_sample.shape != latents.shape:
         raise ValueError(f"prev_sample {tuple(prev_sample.shape)} must have the latents' shape {tuple(latents.shape)}")
-    if eta < 0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
     batch, ndim, device = latents.shape[0], latents.ndim, latents.device
+    eta = _as_batch_column(eta, "eta", batch, ndim, device)
+    if bool((eta < 0).any()):
+        raise ValueError(f"eta must be >= 0, got {eta.flatten().tolist()}")
     sigma_t = _as_batch_column(sigma, "sigma", batch, ndim, device)
     sigma_n = _as_batch_column(sigma_next, "sigma_next", batch, ndim, device)
     if bool((sigma_t > 1.0).any() or (sigma_t <= 0.0).any() or (sigma_n < 0.0).any() or (sigma_n >= sigma_t).any()):

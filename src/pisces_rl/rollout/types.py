@@ -7,7 +7,7 @@ D = text embedding width, [C, F, h, w] = latent channels / frames / height / wid
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -45,6 +45,7 @@ class Rollout:
     videos: Optional[torch.Tensor] = None           # [B, F, C, H, W] float in [0, 1], or None if not decoded
     guidance_scale: float = 1.0                     # CFG scale used when sampling (needed to re-score)
     eta: float = 0.0                                # SDE noise level used when sampling (needed to re-score)
+    sde_window: Optional[Tuple[int, int]] = None    # steps [start, stop) sampled with eta; the rest are ODE steps
 
     _BATCHED = ("prompt_embeds", "negative_prompt_embeds", "latents", "log_probs", "train_step_indices", "videos")
 
@@ -77,6 +78,14 @@ class Rollout:
     def num_steps(self) -> int:
         """T, the number of denoising steps."""
         return self.latents.shape[1] - 1
+
+    def step_eta(self, steps: torch.Tensor) -> torch.Tensor:
+        """SDE noise level of each step in ``steps`` (any shape): ``eta`` inside ``sde_window``, else 0."""
+        eta = torch.full(steps.shape, float(self.eta), dtype=torch.float32, device=steps.device)
+        if self.sde_window is None:
+            return eta
+        start, stop = self.sde_window
+        return torch.where((steps >= start) & (steps < stop), eta, torch.zeros_like(eta))
 
     def index_select(self, idx: Index) -> "Rollout":
         """The sub-batch ``idx`` (a list / 1-D tensor of indices, a bool mask or a slice)."""
@@ -131,13 +140,14 @@ def cat(rollouts: Sequence[Rollout]) -> Rollout:
             and torch.equal(r.timesteps.cpu(), first.timesteps.cpu())
             and r.guidance_scale == first.guidance_scale
             and r.eta == first.eta
+            and r.sde_window == first.sde_window
             and r.train_step_indices.shape[1] == first.train_step_indices.shape[1]
             and (r.negative_prompt_embeds is None) == (first.negative_prompt_embeds is None)
             and (r.videos is None) == (first.videos is None)
         )
         if not same:
             raise ValueError(
-                "cannot cat rollouts sampled with different settings (steps, sigmas, guidance_scale, eta, "
+                "cannot cat rollouts sampled with different settings (steps, sigmas, guidance_scale, eta, sde_window, "
                 "train_timestep_fraction, CFG or decoding); sample them with the same SamplingConfig"
             )
     batched = {}
