@@ -108,20 +108,44 @@ def test_eta_zero_is_the_diffusers_euler_step_with_zero_log_prob():
         assert torch.equal(step.log_prob, torch.zeros(2))
 
 
-def test_sde_preserves_the_marginals_of_a_gaussian_flow():
+@pytest.mark.parametrize("block", [1, 2])
+def test_sde_preserves_the_marginals_of_a_gaussian_flow(block):
     """Data x0 ~ N(0, a^2): the exact velocity is known, x_sigma ~ N(0, (1-sigma)^2 a^2 + sigma^2).
     Simulating the SDE from sigma = 1 with a large eta must land on the right marginal variance
-    (a sign error in the score correction or the noise scale breaks this)."""
+    (a sign error in the score correction or the noise scale breaks this). With block noise the
+    correction must be projected like the noise, or the variance off the noise subspace collapses."""
     a2 = 0.25
     var = lambda s: (1 - s) ** 2 * a2 + s**2  # noqa: E731
     sigmas = torch.linspace(1.0, 0.1, 61)
     g = gen()
-    x = torch.randn(20000, 1, generator=g)
+    x = torch.randn(5000, 1, 1, 2, 2, generator=g)
     for i in range(60):
         s = sigmas[i]
         v = x * (s - (1 - s) * a2) / var(s)
-        x = sde_step_with_logprob(v, x, s, sigmas[i + 1], eta=0.7, generator=g).prev_sample
+        x = sde_step_with_logprob(v, x, s, sigmas[i + 1], eta=0.7, generator=g, noise_block=block).prev_sample
     assert abs(x.var().item() / var(0.1) - 1) < 0.05
+    block_mean = x.mean(dim=(-2, -1))          # the explored coordinate ...
+    off_block = x - block_mean[..., None, None]  # ... and the deterministic rest
+    assert abs(block_mean.var().item() * 4 / var(0.1) - 1) < 0.08
+    assert abs(off_block.var().item() * 4 / 3 / var(0.1) - 1) < 0.08
+
+
+def test_block_noise_is_constant_on_blocks_and_scores_in_block_coordinates():
+    g = gen()
+    x, v = torch.randn(2, 3, 2, 4, 4, generator=g), torch.randn(2, 3, 2, 4, 4, generator=g)
+    step = sde_step_with_logprob(v, x, 0.8, 0.6, 0.9, generator=g, noise_block=2)
+    delta = step.prev_sample - step.mean                                      # std * U z
+    torch.testing.assert_close(delta, delta[..., ::2, ::2].repeat_interleave(2, -2).repeat_interleave(2, -1))
+    z = 2 * delta[..., ::2, ::2] / step.std                                   # U^T delta / std
+    expected = torch.distributions.Normal(0.0, step.std).log_prob(step.std * z).mean(dim=(1, 2, 3, 4))
+    torch.testing.assert_close(step.log_prob, expected, atol=1e-5, rtol=1e-5)
+    again = sde_step_with_logprob(v, x, 0.8, 0.6, 0.9, prev_sample=step.prev_sample, noise_block=2)
+    torch.testing.assert_close(again.log_prob, step.log_prob)
+    plain = sde_step_with_logprob(v, x, 0.8, 0.6, 0.9, generator=gen(3))
+    assert torch.equal(plain.prev_sample, sde_step_with_logprob(v, x, 0.8, 0.6, 0.9, generator=gen(3),
+                                                                noise_block=1).prev_sample)
+    with pytest.raises(ValueError, match="noise_block must be >= 1 and divide"):
+        sde_step_with_logprob(v, x, 0.8, 0.6, 0.9, noise_block=3)
 
 
 def test_invalid_step_arguments_raise():
@@ -214,6 +238,15 @@ def test_sde_window_injects_noise_only_inside_and_trains_only_there():
     half = sample_rollout(policy, PROMPTS * 2, sampling_cfg(num_inference_steps=5, sde_window=[0, 4],
                                                             train_timestep_fraction=0.5), generator=gen())
     assert half.train_step_indices.shape == (4, 2)
+    blocky = sample_rollout(policy, PROMPTS * 2, sampling_cfg(num_inference_steps=5, sde_window=[0, 2],
+                                                              noise_block=2), generator=gen())
+    assert blocky.noise_block == 2
+    for step in (0, 1):
+        new = rescore_log_prob(policy, blocky, step)
+        torch.testing.assert_close(new.log_prob, blocky.log_probs[:, step], atol=1e-5, rtol=0)
+        delta = blocky.latents[:, step + 1] - new.mean
+        torch.testing.assert_close(delta[..., ::2, ::2].repeat_interleave(2, -2).repeat_interleave(2, -1), delta,
+                                   atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="sde_window"):
         sample_rollout(policy, PROMPTS, sampling_cfg(sde_window=[2, 9]))
     with pytest.raises(ValueError, match="different settings"):

@@ -97,6 +97,8 @@ class SamplingConfig(ConfigBase):
                                                  "per rollout), in (0, 1]")
     sde_window: Optional[list[int]] = option(None, "[start, stop]: only denoising steps start <= i < stop inject SDE "
                                                    "noise, the rest are ODE steps (Flow-GRPO-Fast); null = all")
+    noise_block: int = option(1, "SDE noise drawn once per k x k latent block (1 = every element): exploration of the "
+                                 "coarse layout, fewer action dimensions, a less noisy policy gradient")
     decode_chunk_size: int = option(0, "videos per VAE decode call (0 = all at once)")
     negative_prompt: str = option("", "negative prompt for classifier-free guidance")
     max_sequence_length: int = option(32, "text tokens given to the text encoder")
@@ -104,6 +106,7 @@ class SamplingConfig(ConfigBase):
     def _check(self) -> None:
         _positive(self, "num_frames", "height", "width", "num_inference_steps", "eta", "max_sequence_length")
         _positive(self, "guidance_scale", "decode_chunk_size", zero_ok=True)
+        _positive(self, "noise_block")
         f = self.train_timestep_fraction
         require(0 < f <= 1, "train_timestep_fraction", f"must be in (0, 1], got {f}")
         require(self.num_inference_steps >= 2, "num_inference_steps",

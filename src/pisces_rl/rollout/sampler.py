@@ -113,6 +113,7 @@ def sample_rollout(policy: Any, prompts: Sequence[str], sampling_cfg: Any, gener
         prompts, getattr(cfg, "negative_prompt", "") or "", do_cfg, getattr(cfg, "max_sequence_length", 512))
     timesteps, sigmas = policy.flow_schedule(cfg.num_inference_steps)
     window = _window(cfg, len(timesteps))
+    block = int(getattr(cfg, "noise_block", 1))
 
     if latents is None:
         x = randn_tensor(shape, generator=generator, device=policy.device, dtype=torch.float32)
@@ -125,7 +126,8 @@ def sample_rollout(policy: Any, prompts: Sequence[str], sampling_cfg: Any, gener
     for i in range(len(timesteps)):
         velocity = policy.predict_velocity(x, timesteps[i], prompt_embeds, negative_embeds, guidance)
         step_eta = eta if window is None or window[0] <= i < window[1] else 0.0
-        step = sde_step_with_logprob(velocity, x, sigmas[i], sigmas[i + 1], step_eta, generator=generator)
+        step = sde_step_with_logprob(velocity, x, sigmas[i], sigmas[i + 1], step_eta, generator=generator,
+                                     noise_block=block)
         x = step.prev_sample
         trajectory.append(x)
         log_probs.append(step.log_prob)
@@ -145,6 +147,7 @@ def sample_rollout(policy: Any, prompts: Sequence[str], sampling_cfg: Any, gener
         guidance_scale=guidance,
         eta=eta,
         sde_window=window,
+        noise_block=block,
     )
 
 
@@ -184,4 +187,4 @@ def rescore_log_prob(policy: Any, rollout: Rollout, step_index: Union[int, torch
     velocity = policy.predict_velocity(x_t, rollout.timesteps[steps], rollout.prompt_embeds[rows], negative,
                                        rollout.guidance_scale)
     return sde_step_with_logprob(velocity, x_t, rollout.sigmas[steps], rollout.sigmas[steps + 1],
-                                 rollout.step_eta(steps), prev_sample=x_next)
+                                 rollout.step_eta(steps), prev_sample=x_next, noise_block=rollout.noise_block)

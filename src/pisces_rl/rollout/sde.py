@@ -28,6 +28,18 @@ Edge cases, handled explicitly:
   and no policy gradient, and the sampler leaves them out of the trained steps. Ending on a
   deterministic step also means the final latent carries no leftover injected noise.
 
+Low-dimensional exploration (``noise_block = k > 1``): the noise lives on the subspace of latents that are
+constant on ``k x k`` spatial blocks, with the orthonormal basis ``U z = upsample_k(z) / k``
+(``U^T y = k * avgpool_k(y)``, ``P = U U^T`` the block average). Noise with covariance ``s_t^2 P`` keeps
+the marginals when the score correction is projected the same way::
+
+    mean = x + v dt + P[ s_t^2 / (2 sigma) * (x + (1 - sigma) v) ] dt,      x_next = mean + std * U z
+
+and the log-probability is that of ``z = U^T (x_next - mean) / std ~ N(0, I)``, averaged over the
+``k^2`` times fewer coordinates. A policy gradient's noise grows with the dimension of the action, so on
+small budgets exploring the coarse layout (where objects are, where they move) gives a far clearer
+signal; the component of the mean off the subspace is followed deterministically and is not scored.
+
 ``log_prob`` is the Gaussian log-density **averaged** (not summed) over all non-batch
 elements, the Flow-GRPO convention: it keeps the scale independent of the video size. All maths
 is in float32 whatever the model dtype.
@@ -108,6 +120,7 @@ def sde_step_with_logprob(
     prev_sample: Optional[torch.Tensor] = None,
     generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
     noise: Optional[torch.Tensor] = None,
+    noise_block: int = 1,
 ) -> SDEStep:
     """One Flow-GRPO SDE step ``x_sigma -> x_sigma_next`` and the log-probability of its result.
 
@@ -122,7 +135,10 @@ def sde_step_with_logprob(
         prev_sample: scoring mode: the recorded next latent ``[B, ...]`` whose log-prob is
             returned (it is detached; gradients flow through ``mean`` only). If None, one is sampled.
         generator: torch generator(s) for the sampled noise (one per batch item if a list).
-        noise: explicit standard-normal noise ``[B, ...]`` (overrides ``generator``).
+        noise: explicit standard-normal noise ``[B, ...]`` (overrides ``generator``); ``[B, ..., h/k, w/k]``
+            with ``noise_block = k``.
+        noise_block: ``k``; 1 = i.i.d. noise on every latent element. ``k > 1`` = low-dimensional
+            exploration: one noise draw per ``k x k`` spatial block (see the module docstring).
 
     Returns:
         :class:`SDEStep` ``(prev_sample, log_prob [B], mean [B, ...], std [B, 1, ...])``, all float32.
@@ -149,25 +165,47 @@ def sde_step_with_logprob(
 
     v = velocity.float()
     x = latents.float()
+    k = int(noise_block)
+    if k < 1 or (k > 1 and (ndim < 3 or x.shape[-1] % k or x.shape[-2] % k)):
+        raise ValueError(f"noise_block must be >= 1 and divide the latent height and width "
+                         f"{tuple(x.shape[-2:])}, got {noise_block}")
     dt = sigma_n - sigma_t  # < 0
     std = sde_std(sigma_t, sigma_n, eta)
     # s_t^2 = std^2 / (-dt); zero on deterministic steps, where mean is the plain Euler step.
     s2 = std.square() / (-dt)
-    mean = x * (1.0 + s2 / (2.0 * sigma_t) * dt) + v * (1.0 + s2 * (1.0 - sigma_t) / (2.0 * sigma_t)) * dt
+    if k == 1:
+        mean = x * (1.0 + s2 / (2.0 * sigma_t) * dt) + v * (1.0 + s2 * (1.0 - sigma_t) / (2.0 * sigma_t)) * dt
+    else:  # the score correction only where the noise goes: P = U U^T, the k x k block average
+        correction = s2 / (2.0 * sigma_t) * dt * (x + (1.0 - sigma_t) * v)
+        mean = x + v * dt + _unpool(_pool(correction, k), k)
     std = std.expand(batch, *std.shape[1:])
     stochastic = std > 0  # [B, 1, ..., 1]
 
     if prev_sample is None:
+        shape = x.shape if k == 1 else (*x.shape[:-2], x.shape[-2] // k, x.shape[-1] // k)
         if noise is None:
-            noise = randn_tensor(x.shape, generator=generator, device=device, dtype=torch.float32)
-        elif noise.shape != x.shape:
-            raise ValueError(f"noise {tuple(noise.shape)} must have the latents' shape {tuple(x.shape)}")
-        prev_sample = mean + std * noise.float()
+            noise = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        elif noise.shape != shape:
+            raise ValueError(f"noise {tuple(noise.shape)} must have shape {tuple(shape)}")
+        noise = noise.float() if k == 1 else _unpool(noise.float(), k) / k          # U z, U orthonormal
+        prev_sample = mean + std * noise
     else:
         prev_sample = prev_sample.detach().float()
 
     safe_std = torch.where(stochastic, std, torch.ones_like(std))
-    elem = -((prev_sample - mean) ** 2) / (2.0 * safe_std**2) - torch.log(safe_std) - _HALF_LOG_2PI
+    resid = prev_sample - mean if k == 1 else _pool(prev_sample - mean, k) * k   # U^T (x' - mean)
+    elem = -(resid**2) / (2.0 * safe_std**2) - torch.log(safe_std) - _HALF_LOG_2PI
     log_prob = elem.mean(dim=tuple(range(1, ndim)))
     log_prob = torch.where(stochastic.reshape(batch), log_prob, torch.zeros_like(log_prob))
     return SDEStep(prev_sample=prev_sample, log_prob=log_prob, mean=mean, std=std)
+
+
+def _pool(y: torch.Tensor, k: int) -> torch.Tensor:
+    """Mean over non-overlapping ``k x k`` blocks of the last two dims: ``[..., h, w] -> [..., h/k, w/k]``."""
+    *lead, h, w = y.shape
+    return y.reshape(*lead, h // k, k, w // k, k).mean(dim=(-3, -1))
+
+
+def _unpool(z: torch.Tensor, k: int) -> torch.Tensor:
+    """Repeat each element over a ``k x k`` block: ``[..., h, w] -> [..., h*k, w*k]``."""
+    return z.repeat_interleave(k, dim=-2).repeat_interleave(k, dim=-1)
