@@ -141,6 +141,10 @@ def test_block_noise_is_constant_on_blocks_and_scores_in_block_coordinates():
     torch.testing.assert_close(step.log_prob, expected, atol=1e-5, rtol=1e-5)
     again = sde_step_with_logprob(v, x, 0.8, 0.6, 0.9, prev_sample=step.prev_sample, noise_block=2)
     torch.testing.assert_close(again.log_prob, step.log_prob)
+    g1, g2 = gen(5), gen(5)       # the block size does not change how much of the random stream a step uses
+    sde_step_with_logprob(v, x, 0.8, 0.6, 0.9, generator=g1, noise_block=2)
+    sde_step_with_logprob(v, x, 0.8, 0.6, 0.9, generator=g2)
+    assert torch.equal(torch.randn(3, generator=g1), torch.randn(3, generator=g2))
     plain = sde_step_with_logprob(v, x, 0.8, 0.6, 0.9, generator=gen(3))
     assert torch.equal(plain.prev_sample, sde_step_with_logprob(v, x, 0.8, 0.6, 0.9, generator=gen(3),
                                                                 noise_block=1).prev_sample)

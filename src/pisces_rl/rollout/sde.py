@@ -33,7 +33,7 @@ constant on ``k x k`` spatial blocks, with the orthonormal basis ``U z = upsampl
 (``U^T y = k * avgpool_k(y)``, ``P = U U^T`` the block average). Noise with covariance ``s_t^2 P`` keeps
 the marginals when the score correction is projected the same way::
 
-    mean = x + v dt + P[ s_t^2 / (2 sigma) * (x + (1 - sigma) v) ] dt,      x_next = mean + std * U z
+    mean = x + v dt + P[ s_t^2 / (2 sigma) * (x + (1 - sigma) v) ] dt,      x_next = mean + std * P eps
 
 and the log-probability is that of ``z = U^T (x_next - mean) / std ~ N(0, I)``, averaged over the
 ``k^2`` times fewer coordinates. A policy gradient's noise grows with the dimension of the action, so on
@@ -135,8 +135,8 @@ def sde_step_with_logprob(
         prev_sample: scoring mode: the recorded next latent ``[B, ...]`` whose log-prob is
             returned (it is detached; gradients flow through ``mean`` only). If None, one is sampled.
         generator: torch generator(s) for the sampled noise (one per batch item if a list).
-        noise: explicit standard-normal noise ``[B, ...]`` (overrides ``generator``); ``[B, ..., h/k, w/k]``
-            with ``noise_block = k``.
+        noise: explicit standard-normal noise ``[B, ...]`` (overrides ``generator``); with
+            ``noise_block = k`` its block average is used (``P eps = U z``, ``z = U^T eps ~ N(0, I)``).
         noise_block: ``k``; 1 = i.i.d. noise on every latent element. ``k > 1`` = low-dimensional
             exploration: one noise draw per ``k x k`` spatial block (see the module docstring).
 
@@ -182,12 +182,13 @@ def sde_step_with_logprob(
     stochastic = std > 0  # [B, 1, ..., 1]
 
     if prev_sample is None:
-        shape = x.shape if k == 1 else (*x.shape[:-2], x.shape[-2] // k, x.shape[-1] // k)
         if noise is None:
-            noise = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
-        elif noise.shape != shape:
-            raise ValueError(f"noise {tuple(noise.shape)} must have shape {tuple(shape)}")
-        noise = noise.float() if k == 1 else _unpool(noise.float(), k) / k          # U z, U orthonormal
+            noise = randn_tensor(x.shape, generator=generator, device=device, dtype=torch.float32)
+        elif noise.shape != x.shape:
+            raise ValueError(f"noise {tuple(noise.shape)} must have the latents' shape {tuple(x.shape)}")
+        # P eps = U (U^T eps) with U^T eps ~ N(0, I): the same draws whatever k, so the random stream (and any
+        # later sample from the same generator) does not depend on the block size.
+        noise = noise.float() if k == 1 else _unpool(_pool(noise.float(), k), k)
         prev_sample = mean + std * noise
     else:
         prev_sample = prev_sample.detach().float()
