@@ -210,7 +210,6 @@ def test_grpo_runs_on_the_world_with_the_judge(world, monkeypatch, tmp_path, fre
     assert (tmp_path / "before_after.gif").exists() and (tmp_path / "reward_curve.png").exists()
 
 
-
 def _brightness(videos, prompts, **kwargs):
     """Mean pixel value per video, [B, F, C, H, W] -> [B]."""
     return videos.mean(dim=(1, 2, 3, 4))

@@ -25,7 +25,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from .sde import SDEStep, sde_step_with_logprob
-from .types import Rollout
+from .types import Rollout, in_sde_window
 
 __all__ = ["sample_rollout", "rescore_log_prob", "select_train_steps"]
 
@@ -62,10 +62,7 @@ def select_train_steps(sigmas: torch.Tensor, eta: float, fraction: float, batch_
 
     ``K = 0`` (an empty ``[B, 0]`` tensor) when no step is stochastic (``eta = 0`` or ``T = 1``).
     """
-    noisy = sigmas[1:].cpu() > 0
-    if sde_window is not None:
-        steps = torch.arange(noisy.numel())
-        noisy &= (steps >= sde_window[0]) & (steps < sde_window[1])
+    noisy = (sigmas[1:].cpu() > 0) & in_sde_window(torch.arange(sigmas.numel() - 1), sde_window)
     stochastic = torch.nonzero(noisy).flatten() if eta > 0 else torch.zeros(0, dtype=torch.long)
     n = stochastic.numel()
     k = min(n, math.ceil(fraction * n))
@@ -123,11 +120,11 @@ def sample_rollout(policy: Any, prompts: Sequence[str], sampling_cfg: Any, gener
         x = latents.to(policy.device, torch.float32)
 
     trajectory, log_probs = [x], []
+    noisy = in_sde_window(torch.arange(len(timesteps)), window).tolist()
     for i in range(len(timesteps)):
         velocity = policy.predict_velocity(x, timesteps[i], prompt_embeds, negative_embeds, guidance)
-        step_eta = eta if window is None or window[0] <= i < window[1] else 0.0
-        step = sde_step_with_logprob(velocity, x, sigmas[i], sigmas[i + 1], step_eta, generator=generator,
-                                     noise_block=block)
+        step = sde_step_with_logprob(velocity, x, sigmas[i], sigmas[i + 1], eta if noisy[i] else 0.0,
+                                     generator=generator, noise_block=block)
         x = step.prev_sample
         trajectory.append(x)
         log_probs.append(step.log_prob)

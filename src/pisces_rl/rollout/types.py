@@ -11,9 +11,16 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
-__all__ = ["Rollout", "cat"]
+__all__ = ["Rollout", "cat", "in_sde_window"]
 
 Index = Union[Sequence[int], torch.Tensor, slice]
+
+
+def in_sde_window(steps: torch.Tensor, window: Optional[Tuple[int, int]]) -> torch.Tensor:
+    """Bool mask, ``steps``' shape: True for the steps ``start <= i < stop`` of ``window`` (all of them if None)."""
+    if window is None:
+        return torch.ones_like(steps, dtype=torch.bool)
+    return (steps >= window[0]) & (steps < window[1])
 
 
 @dataclass
@@ -83,10 +90,7 @@ class Rollout:
     def step_eta(self, steps: torch.Tensor) -> torch.Tensor:
         """SDE noise level of each step in ``steps`` (any shape): ``eta`` inside ``sde_window``, else 0."""
         eta = torch.full(steps.shape, float(self.eta), dtype=torch.float32, device=steps.device)
-        if self.sde_window is None:
-            return eta
-        start, stop = self.sde_window
-        return torch.where((steps >= start) & (steps < stop), eta, torch.zeros_like(eta))
+        return torch.where(in_sde_window(steps, self.sde_window), eta, torch.zeros_like(eta))
 
     def index_select(self, idx: Index) -> "Rollout":
         """The sub-batch ``idx`` (a list / 1-D tensor of indices, a bool mask or a slice)."""
@@ -149,8 +153,8 @@ def cat(rollouts: Sequence[Rollout]) -> Rollout:
         )
         if not same:
             raise ValueError(
-                "cannot cat rollouts sampled with different settings (steps, sigmas, guidance_scale, eta, sde_window, noise_block, "
-                "train_timestep_fraction, CFG or decoding); sample them with the same SamplingConfig"
+                "cannot cat rollouts sampled with different settings (steps, sigmas, guidance_scale, eta, sde_window, "
+                "noise_block, train_timestep_fraction, CFG or decoding); sample them with the same SamplingConfig"
             )
     batched = {}
     for name in Rollout._BATCHED:
