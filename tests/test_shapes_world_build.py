@@ -67,6 +67,24 @@ def test_encoder_training_is_deterministic():
     assert not torch.equal(a.model.itm_head.weight, untrained.model.itm_head.weight)   # it did train
 
 
+def test_generated_clips_become_negatives_of_their_captions():
+    """``generated=``: the matching head learns to reject a 'generated' copy (here: the clip, colour-inverted)."""
+    ds = shapes_corpus(24, seed=0, num_frames=5, size=16, split="train")
+    real = np.asarray(ds.with_format("numpy", dtype="uint8")[:]["video"])
+    fake = 255 - real
+    cfg = ShapesEncoderConfig(hidden_size=16, embed_dim=16, image_size=16, patch_size=8, num_layers=1, steps=40,
+                              batch_size=8, warmup_steps=1, lr=3e-3, augment=0.0)
+    encoder, _ = train_shapes_encoder(ds, cfg, progress=False, generated=fake)
+    captions = list(ds["caption"])
+    with torch.no_grad():
+        text = encoder.encode_text(captions)
+        p_real = encoder.match_probability(text, encoder.encode_video(videos_to_tensor(real)))
+        p_fake = encoder.match_probability(text, encoder.encode_video(videos_to_tensor(fake)))
+    assert (p_real > p_fake).float().mean() >= 0.9, (p_real, p_fake)
+    with pytest.raises(ValueError, match="generated clips must be uint8"):
+        train_shapes_encoder(ds, cfg, progress=False, generated=fake[:3])
+
+
 def test_quick_build_writes_every_artifact(world):
     manifest, cache = world["manifest"], world["cache"]
     assert manifest["profile"] == "quick" and set(manifest["artifacts"]) == set(ARTIFACTS)

@@ -229,7 +229,7 @@ def _mine(sim: Tensor, same: Tensor, gen: torch.Generator) -> Tensor:
 
 
 def train_shapes_encoder(dataset, cfg: ShapesEncoderConfig = ShapesEncoderConfig(), progress: bool = True,
-                         device=None):
+                         device=None, generated=None):
     """Train a tiny BLIP video–text encoder on a ShapesWorld corpus.
 
     Args:
@@ -238,6 +238,9 @@ def train_shapes_encoder(dataset, cfg: ShapesEncoderConfig = ShapesEncoderConfig
         cfg: :class:`ShapesEncoderConfig`.
         progress: tqdm progress bar.
         device: where to train (default CPU; the world build is defined, and deterministic, on CPU).
+        generated: optional uint8 ``[N, F, H, W, 3]`` clips aligned with the dataset's rows, e.g. a video model's
+            sample for each caption. Each one is an extra text->video ITC column (never a target) and an ITM
+            negative of its own caption, so the encoder must learn what tells a real clip from a generated one.
 
     Returns:
         ``(encoder, history)``: the frozen :class:`~pisces_rl.encoders.BlipVideoTextEncoder` (eval mode,
@@ -258,6 +261,11 @@ def train_shapes_encoder(dataset, cfg: ShapesEncoderConfig = ShapesEncoderConfig
     kinds = NEGATIVE_KINDS if cfg.direction_negatives else NEGATIVE_KINDS[:-1]
     n = len(captions)
     batch = min(cfg.batch_size, n)
+    if generated is not None:
+        generated = torch.as_tensor(np.asarray(generated))
+        if generated.shape != videos.shape or generated.dtype != torch.uint8:
+            raise ValueError(f"generated clips must be uint8 {tuple(videos.shape)} like the dataset's videos, got "
+                             f"{generated.dtype} {tuple(generated.shape)}")
 
     moving = moves(attrs)
     encoder = BlipVideoTextEncoder.tiny(
@@ -299,6 +307,10 @@ def train_shapes_encoder(dataset, cfg: ShapesEncoderConfig = ShapesEncoderConfig
         if len(flip):                               # reversed clips: extra text->video columns, never a target
             reversed_video = encoder.features_from_states(states[flip.to(states.device)].flip(1))
             t2v = torch.cat([sim, scale * both.cls_embedding[:batch] @ reversed_video.pooled_embedding.T], dim=1)
+        if generated is not None:                   # generated clips of the same captions: columns, never targets
+            fake = generated[idx].movedim(-1, -3).float().div(255.0).to(encoder.device)
+            fake_video = encoder.features_from_states(encoder.encode_frames(fake))
+            t2v = torch.cat([t2v, scale * both.cls_embedding[:batch] @ fake_video.pooled_embedding.T], dim=1)
         t2v_targets = F.pad(targets, (0, t2v.shape[1] - batch))
         itc = 0.5 * (-(t2v_targets * t2v.log_softmax(dim=1)).sum(1).mean()
                      - (targets * sim.T.log_softmax(dim=1)).sum(1).mean())
@@ -309,9 +321,12 @@ def train_shapes_encoder(dataset, cfg: ShapesEncoderConfig = ShapesEncoderConfig
         hard = [rows + (h + 1) * batch for h in range(cfg.hard_negatives)]
         text_rows = torch.cat([rows, *hard, _mine(sim.T, same, gen)] + ([rows] if cfg.mined_video else []))
         video_rows = torch.cat([rows] * (2 + cfg.hard_negatives) + ([_mine(sim, same, gen)] if cfg.mined_video else []))
-        texts, pairs = _select(both, torch.cat([text_rows, flip])), _select(video, video_rows)
+        fake_rows = [rows] if generated is not None else []
+        texts, pairs = _select(both, torch.cat([text_rows, flip, *fake_rows])), _select(video, video_rows)
         if len(flip):                               # (caption, its clip reversed) pairs are negatives too
             pairs = _cat_video([pairs, reversed_video])
+        if generated is not None:                   # (caption, a generated clip of it) pairs are negatives
+            pairs = _cat_video([pairs, fake_video])
         p = encoder.match_probability(texts, pairs)                                  # [(2 + H) B + R]
         itm = 0.5 * _bce(p[:batch], True) + 0.5 * _bce(p[batch:], False)
 
