@@ -81,6 +81,20 @@ def test_generated_clips_become_negatives_of_their_captions():
         p_real = encoder.match_probability(text, encoder.encode_video(videos_to_tensor(real)))
         p_fake = encoder.match_probability(text, encoder.encode_video(videos_to_tensor(fake)))
     assert (p_real > p_fake).float().mean() >= 0.9, (p_real, p_fake)
+    # ITC only: the embedding still moves generated clips away from their captions, the matching head is left alone
+    def margin_and_fake_match(enc):
+        with torch.no_grad():
+            text = enc.encode_text(captions)
+            real_v, fake_v = enc.encode_video(videos_to_tensor(real)), enc.encode_video(videos_to_tensor(fake))
+            cos = torch.nn.functional.cosine_similarity
+            margin = cos(text.cls_embedding, real_v.pooled_embedding) - cos(text.cls_embedding, fake_v.pooled_embedding)
+            return margin.mean().item(), enc.match_probability(text, fake_v).mean().item()
+
+    itc_only, _ = train_shapes_encoder(ds, cfg, progress=False, generated=fake, generated_itm=False)
+    plain, _ = train_shapes_encoder(ds, cfg, progress=False)
+    margin, p_fake_itc_only = margin_and_fake_match(itc_only)
+    assert margin > margin_and_fake_match(plain)[0] + 0.05
+    assert p_fake_itc_only > p_fake.mean().item() + 0.2
     with pytest.raises(ValueError, match="generated clips must be uint8"):
         train_shapes_encoder(ds, cfg, progress=False, generated=fake[:3])
 

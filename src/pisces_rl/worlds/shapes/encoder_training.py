@@ -229,7 +229,7 @@ def _mine(sim: Tensor, same: Tensor, gen: torch.Generator) -> Tensor:
 
 
 def train_shapes_encoder(dataset, cfg: ShapesEncoderConfig = ShapesEncoderConfig(), progress: bool = True,
-                         device=None, generated=None):
+                         device=None, generated=None, generated_itm: bool = True):
     """Train a tiny BLIP video–text encoder on a ShapesWorld corpus.
 
     Args:
@@ -241,6 +241,8 @@ def train_shapes_encoder(dataset, cfg: ShapesEncoderConfig = ShapesEncoderConfig
         generated: optional uint8 ``[N, F, H, W, 3]`` clips aligned with the dataset's rows, e.g. a video model's
             sample for each caption. Each one is an extra text->video ITC column (never a target) and an ITM
             negative of its own caption, so the encoder must learn what tells a real clip from a generated one.
+        generated_itm: False = generated clips are ITC columns only, and the matching head is not taught to
+            reject them (so it keeps grading how well a generated clip follows its caption).
 
     Returns:
         ``(encoder, history)``: the frozen :class:`~pisces_rl.encoders.BlipVideoTextEncoder` (eval mode,
@@ -321,11 +323,12 @@ def train_shapes_encoder(dataset, cfg: ShapesEncoderConfig = ShapesEncoderConfig
         hard = [rows + (h + 1) * batch for h in range(cfg.hard_negatives)]
         text_rows = torch.cat([rows, *hard, _mine(sim.T, same, gen)] + ([rows] if cfg.mined_video else []))
         video_rows = torch.cat([rows] * (2 + cfg.hard_negatives) + ([_mine(sim, same, gen)] if cfg.mined_video else []))
-        fake_rows = [rows] if generated is not None else []
+        fake_itm = generated is not None and generated_itm
+        fake_rows = [rows] if fake_itm else []
         texts, pairs = _select(both, torch.cat([text_rows, flip, *fake_rows])), _select(video, video_rows)
         if len(flip):                               # (caption, its clip reversed) pairs are negatives too
             pairs = _cat_video([pairs, reversed_video])
-        if generated is not None:                   # (caption, a generated clip of it) pairs are negatives
+        if fake_itm:                                # (caption, a generated clip of it) pairs are negatives
             pairs = _cat_video([pairs, fake_video])
         p = encoder.match_probability(texts, pairs)                                  # [(2 + H) B + R]
         itm = 0.5 * _bce(p[:batch], True) + 0.5 * _bce(p[batch:], False)
