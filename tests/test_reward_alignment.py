@@ -1,24 +1,16 @@
 """benchmarks/shapes_reward_alignment.py: in-group rank statistics, and one end-to-end pass on the tiny model."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
 from pisces_rl.config import GRPOConfig, load_config
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "shapes_reward_alignment.py"
-
 
 @pytest.fixture(scope="module")
-def alignment():
-    spec = importlib.util.spec_from_file_location("shapes_reward_alignment", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def alignment(load_benchmark):
+    return load_benchmark("shapes_reward_alignment")
 
 
 def test_spearman_matches_scipy_with_ties(alignment):

@@ -1,21 +1,13 @@
 """benchmarks/shapes_reward_sensitivity.py: each corruption does what its name says and nothing else."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "shapes_reward_sensitivity.py"
-
 
 @pytest.fixture(scope="module")
-def sens():
-    spec = importlib.util.spec_from_file_location("shapes_reward_sensitivity", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def sens(load_benchmark):
+    return load_benchmark("shapes_reward_sensitivity")
 
 
 @pytest.fixture(scope="module")

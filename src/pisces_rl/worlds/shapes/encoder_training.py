@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .captions import ObjectQuery, PromptAttributes, caption_from_attributes
+from .corpus import videos_to_tensor
 from .spec import COLOURS, MOTIONS, RELATIONS, SHAPES
 
 __all__ = ["ShapesEncoderConfig", "NEGATIVE_KINDS", "corpus_attributes", "moves", "hard_negative",
@@ -292,7 +293,7 @@ def train_shapes_encoder(dataset, cfg: ShapesEncoderConfig = ShapesEncoderConfig
     bar = tqdm(range(cfg.steps), desc="train encoder", unit="step", disable=not progress)
     for step in bar:
         idx = torch.randperm(n, generator=gen)[:batch]
-        clips = videos[idx].movedim(-1, -3).float() / 255.0                        # [B, F, C, H, W]
+        clips = videos_to_tensor(videos[idx])                                       # [B, F, C, H, W]
         clips = _augment(clips, cfg.augment, gen).to(encoder.device)
         negatives = [hard_negative(attrs[i], rng, kinds, paraphrase=paraphrased)[0]
                      for _ in range(cfg.hard_negatives) for i in idx.tolist()]
@@ -310,7 +311,7 @@ def train_shapes_encoder(dataset, cfg: ShapesEncoderConfig = ShapesEncoderConfig
             reversed_video = encoder.features_from_states(states[flip.to(states.device)].flip(1))
             t2v = torch.cat([sim, scale * both.cls_embedding[:batch] @ reversed_video.pooled_embedding.T], dim=1)
         if generated is not None:                   # generated clips of the same captions: columns, never targets
-            fake = generated[idx].movedim(-1, -3).float().div(255.0).to(encoder.device)
+            fake = videos_to_tensor(generated[idx]).to(encoder.device)
             fake_video = encoder.features_from_states(encoder.encode_frames(fake))
             t2v = torch.cat([t2v, scale * both.cls_embedding[:batch] @ fake_video.pooled_embedding.T], dim=1)
         t2v_targets = F.pad(targets, (0, t2v.shape[1] - batch))
