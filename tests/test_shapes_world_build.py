@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from pisces_rl.worlds.shapes import shapes_corpus, videos_to_tensor
-from pisces_rl.worlds.shapes.build import (ARTIFACTS, build_world, read_manifest, resolve_world_name,
-                                           world_artifact, world_config)
+from pisces_rl.worlds.shapes.build import (ARTIFACTS, build_world, encoder_warning, read_manifest,
+                                           resolve_world_name, world_artifact, world_config)
 from pisces_rl.worlds.shapes.captions import parse_prompt
 from pisces_rl.worlds.shapes.encoder_training import (NEGATIVE_KINDS, ShapesEncoderConfig, _canonical,
                                                       corpus_attributes, hard_negative, train_shapes_encoder)
@@ -99,6 +99,29 @@ def test_generated_clips_become_negatives_of_their_captions():
         train_shapes_encoder(ds, cfg, progress=False, generated=fake[:3])
 
 
+def test_clips_replace_the_real_videos():
+    """``clips=``: the dataset's own videos give the same encoder as none; other clips give another one."""
+    ds = shapes_corpus(16, seed=0, num_frames=5, size=16, split="train")
+    real = np.asarray(ds.with_format("numpy", dtype="uint8")[:]["video"])
+    cfg = ShapesEncoderConfig(hidden_size=16, embed_dim=16, image_size=16, patch_size=8, num_layers=1, steps=6,
+                              batch_size=8, warmup_steps=1, augment=0.0)
+    weights = lambda enc: torch.cat([p.flatten() for p in enc.parameters()])  # noqa: E731
+    plain = weights(train_shapes_encoder(ds, cfg, progress=False)[0])
+    assert torch.equal(plain, weights(train_shapes_encoder(ds, cfg, progress=False, clips=real.copy())[0]))
+    assert not torch.equal(plain, weights(train_shapes_encoder(ds, cfg, progress=False, clips=255 - real)[0]))
+    with pytest.raises(ValueError, match="clips must be uint8"):
+        train_shapes_encoder(ds, cfg, progress=False, clips=real.astype(np.float32))
+
+
+def test_encoder_warning_flags_a_direction_blind_full_world():
+    full, quick = world_config("full"), world_config("quick")
+    message = encoder_warning({"itm_pair_acc/direction": 0.56}, full)
+    assert message and "0.56" in message and "motion-direction" in message
+    assert encoder_warning({"itm_pair_acc/direction": 0.93}, full) is None
+    assert encoder_warning({"itm_pair_acc/direction": 0.56}, quick) is None      # too short to learn motion
+    assert encoder_warning({}, full) is None
+
+
 def test_quick_build_writes_every_artifact(world):
     manifest, cache = world["manifest"], world["cache"]
     assert manifest["profile"] == "quick" and set(manifest["artifacts"]) == set(ARTIFACTS)
@@ -108,6 +131,22 @@ def test_quick_build_writes_every_artifact(world):
         assert manifest["artifacts"][name]["seconds"] > 0
     assert (cache / "encoder" / "config.json").is_file() and (cache / "ot_map" / "model.safetensors").is_file()
     assert (cache / "base_model" / "model_index.json").is_file()
+
+
+def test_sequential_build_gives_the_same_artifacts(world, tmp_path):
+    """The fixture's build trains the base model in a second process; a sequential build matches it byte for byte."""
+    import hashlib
+
+    def digests(cache: Path) -> dict:
+        return {str(f.relative_to(cache)): hashlib.sha256(f.read_bytes()).hexdigest()
+                for f in sorted(cache.rglob("*.safetensors"))}
+
+    sequential = build_world("quick", cache_dir=tmp_path / "w", progress=False, parallel=False)
+    assert "wall" in world["manifest"]["timings"] and "wall" in sequential["timings"]
+    expected = digests(world["cache"])
+    assert len(expected) >= 5 and digests(tmp_path / "w") == expected
+    assert {k: v["key"] for k, v in sequential["artifacts"].items()} == \
+        {k: v["key"] for k, v in world["manifest"]["artifacts"].items()}
 
 
 def test_rebuild_is_skipped_when_the_manifest_matches(world):

@@ -100,13 +100,16 @@ def _add_world(subparsers) -> None:
     build = actions.add_parser("build", help="build the world (skipped when the cache matches)",
                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     build.add_argument("--profile", default="full", choices=["full", "quick"],
-                       help="full = the default world (~25 min on 2 CPU cores); quick = small, for tests")
+                       help="full = the default world (~15 min on 2 CPU cores); quick = small, for tests")
     build.add_argument("--cache", default=None, help="cache directory (default: $PISCES_RL_CACHE/shapes_world or "
                                                      "<repo>/.cache/shapes_world)")
     build.add_argument("--force", action="store_true", help="rebuild every artifact even if the cache matches")
     build.add_argument("--threads", type=_positive_int, default=1,
                        help="torch CPU threads during the build (the models are small; more threads rarely help "
                             "and slow down a lot on a busy machine)")
+    build.add_argument("--sequential", action="store_true",
+                       help="train the base model after the encoder, in this process (default: at the same time, "
+                            "in a second process; the artifacts are the same)")
     build.add_argument("--quiet", action="store_true", help="no progress bars")
     build.set_defaults(run=_run_world_build)
     info = actions.add_parser("info", help="print where the world is and what it holds")
@@ -119,7 +122,7 @@ def _run_world_build(args) -> int:
 
     cache = args.cache or default_cache_dir()
     manifest = build_world(args.profile, cache_dir=cache, force=args.force, progress=not args.quiet,
-                           num_threads=args.threads)
+                           num_threads=args.threads, parallel=not args.sequential)
     timings = ", ".join(f"{k} {v:.0f} s" for k, v in manifest.get("timings", {}).items() if v)
     print(f"ShapesWorld ({manifest['profile']}) ready in {cache}" + (f" ({timings})" if timings else " (cached)"))
     return 0

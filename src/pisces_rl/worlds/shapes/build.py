@@ -12,6 +12,11 @@ Phases (each artifact is written with ``save_pretrained`` into ``<cache>/<name>/
 4. **base_model** — the tiny Wan text-to-video model pretrained by flow matching
    (:func:`pisces_rl.worlds.shapes.base_model.train_shapes_base_model`), a diffusers ``WanPipeline`` directory.
 
+The base model shares nothing with phases 2–3, so by default it trains in a second process while this one trains
+the encoder and fits the maps (``parallel=True``; the phase functions are in :mod:`.phases`). Each process uses
+``num_threads`` torch threads and its own seeded generators, so the artifacts equal a sequential build's and the
+wall time on 2 cores is the longer of the two branches.
+
 ``<cache>/manifest.json`` records, per artifact, a key (sha256 of its configuration, of the keys of what it was
 built from and of the library versions), its build time and its metrics. An artifact whose key matches and whose
 directory exists is not rebuilt, so a second ``build_world`` is a no-op and changing e.g. the OT steps refits only
@@ -39,10 +44,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
+from . import phases
 from .encoder_training import ShapesEncoderConfig
+from .phases import encoder_warning
 
 __all__ = ["WorldConfig", "PROFILES", "world_config", "default_cache_dir", "build_world", "read_manifest",
-           "world_artifact", "resolve_world_name", "WORLD_NAMES", "ARTIFACTS", "BUILD_VERSION"]
+           "encoder_warning", "world_artifact", "resolve_world_name", "WORLD_NAMES", "ARTIFACTS", "BUILD_VERSION"]
 
 BUILD_VERSION = 1
 """Bump when a phase changes in a way that makes old artifacts stale."""
@@ -137,7 +144,7 @@ def _artifact_keys(cfg: WorldConfig, versions: dict) -> dict:
     return {"encoder": encoder,
             "ot_map": _key("ot_map", encoder, ot),
             "l2_map": _key("l2_map", encoder, {**ot, "l2_steps": cfg.l2_steps}),
-            "base_model": _key("base_model", versions, _base_model_config(cfg).config_hash())}
+            "base_model": _key("base_model", versions, phases.base_model_config(cfg).config_hash())}
 
 
 def read_manifest(cache_dir: Union[str, Path, None] = None) -> Optional[dict]:
@@ -186,99 +193,6 @@ def resolve_world_name(spec, role: str) -> Optional[str]:
 
 
 
-# ----------------------------------------------------------------------------------------------- phases
-def _make_corpora(cfg: WorldConfig):
-    """``(train, heldout)`` corpora; held-out captions never occur in the training corpus."""
-    from .corpus import shapes_corpus
-
-    common = dict(num_frames=cfg.num_frames, size=cfg.size)
-    return (shapes_corpus(cfg.corpus_videos, seed=cfg.seed, split="train", **common),
-            shapes_corpus(cfg.eval_videos, seed=cfg.seed + 1, split="heldout", **common))
-
-
-def _train_encoder(cfg: WorldConfig, corpora, out: Path, progress: bool) -> dict:
-    """Train, save, reload from disk and evaluate the encoder on the held-out corpus."""
-    from pisces_rl.encoders import BlipVideoTextEncoder
-
-    from .encoder_eval import evaluate_encoder
-    from .encoder_training import train_shapes_encoder
-
-    encoder, history = train_shapes_encoder(corpora[0], cfg.encoder, progress=progress)
-    encoder.save_pretrained(out)
-    metrics = evaluate_encoder(BlipVideoTextEncoder.from_pretrained(out), corpora[1])
-    info = {"config": cfg.encoder.to_dict(), "corpus_videos": len(corpora[0]), "metrics": metrics,
-            "history": history}
-    (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
-    return metrics
-
-
-def _encode_corpora(corpora, encoder_dir: Path, progress: bool):
-    """``(text[N, D], video[N, D], held_text[M, D], held_video[M, D])``: text [CLS] and pooled real-video
-    embeddings of both corpora by the encoder as saved on disk (the way the rewards load it)."""
-    from pisces_rl.encoders import BlipVideoTextEncoder
-    from pisces_rl.ot.fit import encode_corpus
-
-    encoder = BlipVideoTextEncoder.from_pretrained(encoder_dir)
-    return (*encode_corpus(encoder, corpora[0], batch_size=128, progress=progress),
-            *encode_corpus(encoder, corpora[1], batch_size=128))
-
-
-def _fit_map(cfg: WorldConfig, name: str, embeddings, out: Path, encoder_dir: Path, progress: bool) -> dict:
-    """Fit the ``ot_map`` (NeuralOTMap) or ``l2_map`` (L2RegressionMap), save it, score it on held-out pairs."""
-    import torch
-
-    from pisces_rl.ot import L2RegressionMap, NeuralOTMap, distance_spearman, mutual_knn
-
-    text, video, held_text, held_video = embeddings
-    k = min(10, len(held_text) - 1)
-
-    def score(fn) -> dict:
-        """Held-out mKNN / Spearman (PISCES Table 4), mean paired cosine (= R_q of a real clip) and T(y)->x R@1."""
-        with torch.no_grad():
-            mapped = fn(held_text)                                                             # [M, D]
-        sim = torch.nn.functional.normalize(mapped, dim=-1) @ held_video.T                     # [M, M] cosines
-        return {"mknn": mutual_knn(mapped, held_video, k=k), "spearman": distance_spearman(mapped, held_video),
-                "paired_cos": float(sim.diagonal().mean()),
-                "t2v_r1": float((sim.argmax(dim=1) == torch.arange(len(sim))).float().mean())}
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed + 3)
-        ot_map = (NeuralOTMap if name == "ot_map" else L2RegressionMap)(dim=text.shape[1], hidden=cfg.ot_hidden)
-    options = {"batch_size": cfg.ot_batch_size, "lr": cfg.ot_lr, "val_fraction": 0.1, "seed": cfg.seed}
-    if name == "ot_map":
-        options.update(steps=cfg.ot_steps, k_t=cfg.ot_k_t)
-    else:
-        options.update(steps=cfg.l2_steps)
-    history = ot_map.fit(text, video, progress=progress, **options)
-    ot_map.save_pretrained(out)
-    metrics = {**score(ot_map), "identity": score(lambda y: y), "num_pairs": len(text),
-               "num_heldout": len(held_text), "k": k, "val_best": history.get("best")}
-    info = {"map": type(ot_map).__name__, "encoder": str(encoder_dir), "metrics": metrics, "options": options,
-            "history": history}
-    (out / "fit_ot_map.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
-    return metrics
-
-
-def _base_model_config(cfg: WorldConfig):
-    """The base model's ``ShapesBaseModelConfig``: the world's seed, clip format and profile, then overrides."""
-    from .base_model import PROFILES as BASE_PROFILES, ShapesBaseModelConfig
-
-    profile = cfg.profile if cfg.profile in BASE_PROFILES else "full"
-    return ShapesBaseModelConfig(**{"profile": profile, "seed": cfg.seed, "num_frames": cfg.num_frames,
-                                    "size": cfg.size, **cfg.base_model})
-
-
-def _train_base_model(cfg: WorldConfig, out: Path, progress: bool) -> dict:
-    """Pretrain the world's text-to-video model by flow matching (``base_model.train_shapes_base_model``)."""
-    from .base_model import METADATA_FILE, train_shapes_base_model
-
-    train_shapes_base_model(_base_model_config(cfg), str(out), progress=progress)
-    info = json.loads((out / METADATA_FILE).read_text())
-    curves = {k: info.get(f"{k}_loss_curve") or [float("nan")] for k in ("vae", "transformer")}
-    return {"final_vae_loss": curves["vae"][-1], "final_transformer_loss": curves["transformer"][-1],
-            "parameters": info.get("parameters"), "phase_seconds": info.get("seconds")}
-
-
 # ----------------------------------------------------------------------------------------------- build
 @contextmanager
 def _locked(cache: Path):
@@ -314,7 +228,8 @@ def _log(progress: bool, message: str) -> None:
 
 
 def build_world(profile: Union[str, WorldConfig] = "full", cache_dir: Union[str, Path, None] = None,
-                force: bool = False, progress: bool = True, num_threads: Optional[int] = 1) -> dict:
+                force: bool = False, progress: bool = True, num_threads: Optional[int] = 1,
+                parallel: bool = True) -> dict:
     """Build (or reuse) the world's artifacts in ``cache_dir``; returns the manifest.
 
     Args:
@@ -326,6 +241,9 @@ def build_world(profile: Union[str, WorldConfig] = "full", cache_dir: Union[str,
         num_threads: torch threads during the build (restored afterwards); None keeps the current setting. The
             models are small, so extra threads gain little, while on a busy machine several threads that wait
             for each other made a training step up to 25x slower (measured on 2 shared cores): default 1.
+        parallel: train the base model in a second process (``spawn``, ``num_threads`` threads) while this one
+            trains the encoder and fits the maps. The two share no data, so the artifacts are the same as a
+            sequential build's, and on 2 cores the wall time is about the longer branch instead of the sum.
 
     The manifest holds ``profile``, ``config`` (the :class:`WorldConfig`), ``config_hash``, ``versions`` and, per
     artifact, ``{"key", "seconds", "metrics"}``; ``timings`` gives the seconds of every phase of this call
@@ -335,10 +253,11 @@ def build_world(profile: Union[str, WorldConfig] = "full", cache_dir: Union[str,
     cache = Path(cache_dir or default_cache_dir())
     cache.mkdir(parents=True, exist_ok=True)
     with _locked(cache):        # a second process waits, then finds the artifacts built
-        return _build(cfg, cache, force, progress, num_threads)
+        return _build(cfg, cache, force, progress, num_threads, parallel)
 
 
-def _build(cfg: WorldConfig, cache: Path, force: bool, progress: bool, num_threads: Optional[int]) -> dict:
+def _build(cfg: WorldConfig, cache: Path, force: bool, progress: bool, num_threads: Optional[int],
+           parallel: bool = True) -> dict:
     versions = _versions()
     keys = _artifact_keys(cfg, versions)
     old = (read_manifest(cache) or {}) if not force else {}
@@ -353,11 +272,12 @@ def _build(cfg: WorldConfig, cache: Path, force: bool, progress: bool, num_threa
         return {**old, "timings": {name: 0.0 for name in ARTIFACTS}}
     _log(progress, f"building {', '.join(todo)} into {cache} (profile {cfg.profile})")
 
-    def phase(name: str, train) -> None:         # train(tmp_dir) -> metrics; timed, committed, recorded
-        start, tmp = time.perf_counter(), _fresh(cache / name)
+    def phase(name: str, train, tmp: Optional[Path] = None, seconds: Optional[float] = None) -> None:
+        """``train(tmp_dir) -> metrics``, timed (or ``seconds``), committed and recorded in the manifest."""
+        start, tmp = time.perf_counter(), tmp or _fresh(cache / name)
         metrics = train(tmp)
         _commit(tmp, cache / name)
-        timings[name] = time.perf_counter() - start
+        timings[name] = seconds if seconds is not None else time.perf_counter() - start
         manifest["artifacts"][name] = {"key": keys[name], "seconds": round(timings[name], 2), "metrics": metrics}
         _write_manifest(cache, manifest)
         shown = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("t2v_r1", "itm_pair_acc", "mknn", "spearman",
@@ -365,30 +285,67 @@ def _build(cfg: WorldConfig, cache: Path, force: bool, progress: bool, num_threa
         _log(progress, f"{name}: {timings[name]:.0f} s" + (f"; held-out {shown}" if shown else ""))
 
     timings = manifest["timings"]
+    wall = time.perf_counter()
+    side = None                                  # (async result, tmp dir) of the base model's process
+    branches = any(name in todo for name in ("encoder", "ot_map", "l2_map"))
+    if parallel and branches and "base_model" in todo:
+        import multiprocessing
+
+        pool = multiprocessing.get_context("spawn").Pool(1)
+        tmp = _fresh(cache / "base_model")
+        side = pool.apply_async(phases.base_model_job, (cfg, str(tmp), num_threads)), tmp
+        pool.close()
+        _log(progress, "base_model: training in a second process while the encoder trains")
+    try:
+        _run_phases(cfg, cache, manifest, todo, phase, side, progress, num_threads)
+    except BaseException:
+        if side is not None:                     # do not leave a 12-minute training running behind an error
+            pool.terminate()
+        raise
+    finally:
+        if side is not None:
+            pool.join()
+    timings["total"] = sum(v for k, v in timings.items() if k != "total")
+    timings["wall"] = time.perf_counter() - wall
+    timings.update({name: 0.0 for name in done})
+    manifest["timings"] = {k: round(v, 2) for k, v in timings.items()}
+    _write_manifest(cache, manifest)
+    _log(progress, f"done in {timings['wall']:.0f} s wall ({timings['total']:.0f} s of phases); manifest "
+                   f"{cache / MANIFEST}")
+    return manifest
+
+
+def _run_phases(cfg: WorldConfig, cache: Path, manifest: dict, todo: list, phase, side, progress: bool,
+                num_threads: Optional[int]) -> None:
+    """The phases of :func:`_build` in this process; the base model comes from ``side`` when it runs aside."""
     from .base_model import torch_threads
 
+    timings = manifest["timings"]
     with torch_threads(num_threads):
         corpus = None
         if any(name in todo for name in ("encoder", "ot_map", "l2_map")):
             start = time.perf_counter()
-            corpus = _make_corpora(cfg)
+            corpus = phases.make_corpora(cfg)
             timings["corpus"] = time.perf_counter() - start
             _log(progress, f"corpus: {len(corpus[0])} training + {len(corpus[1])} held-out clips "
                            f"in {timings['corpus']:.0f} s")
         if "encoder" in todo:
-            phase("encoder", lambda out: _train_encoder(cfg, corpus, out, progress))
+            phase("encoder", lambda out: phases.train_encoder(cfg, corpus, out, progress))
+            warning = encoder_warning(manifest["artifacts"]["encoder"]["metrics"], cfg)
+            if warning:
+                manifest["warnings"] = [warning]
+                _write_manifest(cache, manifest)
+                _log(progress, f"WARNING: {warning}")
         maps = [name for name in ("ot_map", "l2_map") if name in todo]
         if maps:
             start = time.perf_counter()
-            embeddings = _encode_corpora(corpus, cache / "encoder", progress)
+            embeddings = phases.encode_corpora(corpus, cache / "encoder", progress)
             timings["encode_corpus"] = time.perf_counter() - start
             for name in maps:
-                phase(name, lambda out, name=name: _fit_map(cfg, name, embeddings, out, cache / "encoder", progress))
-        if "base_model" in todo:
-            phase("base_model", lambda out: _train_base_model(cfg, out, progress))
-        timings["total"] = sum(v for k, v in timings.items() if k != "total")
-        timings.update({name: 0.0 for name in done})
-    manifest["timings"] = {k: round(v, 2) for k, v in timings.items()}
-    _write_manifest(cache, manifest)
-    _log(progress, f"done in {timings['total']:.0f} s; manifest {cache / MANIFEST}")
-    return manifest
+                phase(name, lambda out, name=name: phases.fit_map(cfg, name, embeddings, out, cache / "encoder",
+                                                                  progress))
+        if side is not None:
+            metrics, seconds = side[0].get()
+            phase("base_model", lambda out: metrics, tmp=side[1], seconds=seconds)
+        elif "base_model" in todo:
+            phase("base_model", lambda out: phases.train_base_model(cfg, out, progress))

@@ -230,7 +230,7 @@ def _mine(sim: Tensor, same: Tensor, gen: torch.Generator) -> Tensor:
 
 
 def train_shapes_encoder(dataset, cfg: ShapesEncoderConfig = ShapesEncoderConfig(), progress: bool = True,
-                         device=None, generated=None, generated_itm: bool = True):
+                         device=None, generated=None, generated_itm: bool = True, clips=None):
     """Train a tiny BLIP video–text encoder on a ShapesWorld corpus.
 
     Args:
@@ -244,6 +244,9 @@ def train_shapes_encoder(dataset, cfg: ShapesEncoderConfig = ShapesEncoderConfig
             negative of its own caption, so the encoder must learn what tells a real clip from a generated one.
         generated_itm: False = generated clips are ITC columns only, and the matching head is not taught to
             reject them (so it keeps grading how well a generated clip follows its caption).
+        clips: optional uint8 ``[N, F, H, W, 3]`` clips that replace the dataset's videos as the real clips (e.g.
+            their round trip through the video model's VAE, so that real and generated clips share the decoder's
+            look and only what the video model gets wrong tells them apart).
 
     Returns:
         ``(encoder, history)``: the frozen :class:`~pisces_rl.encoders.BlipVideoTextEncoder` (eval mode,
@@ -256,6 +259,12 @@ def train_shapes_encoder(dataset, cfg: ShapesEncoderConfig = ShapesEncoderConfig
     if cfg.steps < 1 or cfg.batch_size < 2:
         raise ValueError(f"need steps >= 1 and batch_size >= 2, got {cfg.steps} and {cfg.batch_size}")
     videos = torch.from_numpy(np.ascontiguousarray(dataset.with_format("numpy", dtype="uint8")[:]["video"]))
+    if clips is not None:
+        clips = torch.as_tensor(np.asarray(clips))
+        if clips.shape != videos.shape or clips.dtype != torch.uint8:
+            raise ValueError(f"clips must be uint8 {tuple(videos.shape)} like the dataset's videos, got "
+                             f"{clips.dtype} {tuple(clips.shape)}")
+        videos = clips
     captions = list(dataset["caption"])
     canon = list(dataset["canonical_caption"])
     caption_id = torch.tensor([{c: i for i, c in enumerate(dict.fromkeys(canon))}[c] for c in canon])
