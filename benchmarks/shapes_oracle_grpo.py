@@ -55,11 +55,11 @@ def run(config_path: str, overrides: list[str], seed: int) -> dict:
 
 
 def summarise(runs: list[dict]) -> dict:
-    """Mean and standard deviation over seeds of every judge key's before, after and delta."""
-    keys = runs[0].keys()
-    return {k: {part: {"mean": float(np.mean([r[k][part] for r in runs])),
-                       "std": float(np.std([r[k][part] for r in runs]))} for part in ("before", "after", "delta")}
-            for k in keys}
+    """Mean and sample standard deviation (0 for one seed) over seeds of each judge key's before, after and delta."""
+    def stats(values: list[float]) -> dict:
+        return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
+
+    return {k: {part: stats([r[k][part] for r in runs]) for part in ("before", "after", "delta")} for k in runs[0]}
 
 
 def main() -> None:
