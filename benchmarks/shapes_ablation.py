@@ -215,7 +215,7 @@ def main(argv=None) -> dict:
     from pisces_rl.worlds.shapes.build import read_manifest
 
     if read_manifest() is None:
-        raise SystemExit("ShapesWorld is not built: run `make world` first (about 25 min on 2 CPU cores)")
+        raise SystemExit("ShapesWorld is not built: run `make world` first (about 18 min on 2 CPU cores)")
     command = "python benchmarks/shapes_ablation.py " + " ".join(sys.argv[1:] if argv is None else argv)
     jobs = [(t, r, s) for t in args.trainers for r in args.rows for s in args.seeds]
     print(f"{len(jobs)} runs, {args.jobs} at a time", flush=True)

@@ -100,7 +100,7 @@ def _add_world(subparsers) -> None:
     build = actions.add_parser("build", help="build the world (skipped when the cache matches)",
                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     build.add_argument("--profile", default="full", choices=["full", "quick"],
-                       help="full = the default world (~15 min on 2 CPU cores); quick = small, for tests")
+                       help="full = the default world (~18 min on 2 CPU cores); quick = small, for tests")
     build.add_argument("--cache", default=None, help="cache directory (default: $PISCES_RL_CACHE/shapes_world or "
                                                      "<repo>/.cache/shapes_world)")
     build.add_argument("--force", action="store_true", help="rebuild every artifact even if the cache matches")

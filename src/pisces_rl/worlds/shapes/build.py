@@ -233,7 +233,7 @@ def build_world(profile: Union[str, WorldConfig] = "full", cache_dir: Union[str,
     """Build (or reuse) the world's artifacts in ``cache_dir``; returns the manifest.
 
     Args:
-        profile: ``"full"`` (the default world, about 25 minutes on 2 shared CPU cores), ``"quick"`` (tests: small
+        profile: ``"full"`` (the default world, about 18 minutes on 2 CPU cores), ``"quick"`` (tests: small
             corpus and models, a couple of minutes) or a :class:`WorldConfig`.
         cache_dir: output directory (default :func:`default_cache_dir`).
         force: rebuild every artifact even if its key matches the manifest.
