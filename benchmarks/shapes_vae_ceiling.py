@@ -12,6 +12,9 @@ Quality, Semantic and every dimension) and both PISCES rewards on three sets wit
 
 The gap ``vae - samples`` is the room post-training has; a dimension where samples already reach the ``vae`` row
 cannot improve. The judge only measures here. Needs the ShapesWorld cache (``make world``); about 1 min.
+``shapes_base_model.py`` prints the judge's ``corpus`` and ``recon`` columns too, for a base model it trains (or
+reuses) in its own output directory and samples on other prompts; this script reads the built world, pairs the
+samples with the real clips' captions and adds the rewards.
 """
 from __future__ import annotations
 

@@ -55,6 +55,8 @@ BUILD_VERSION = 1
 """Bump when a phase changes in a way that makes old artifacts stale."""
 MANIFEST = "manifest.json"
 ARTIFACTS = ("encoder", "ot_map", "l2_map", "base_model")
+ENCODER_BRANCH = ("encoder", "ot_map", "l2_map")
+"""The artifacts that need the corpora and train in this process; the base model can train beside them."""
 WORLD_NAMES = {"model": {"shapes": "base_model"}, "encoder": {"shapes": "encoder"},
                "ot_map": {"shapes": "ot_map", "shapes:l2": "l2_map"}}
 """World artifact names configs may use, per role (``model.pretrained``, ``rewards.encoder``, ``rewards.ot_map``)."""
@@ -287,8 +289,7 @@ def _build(cfg: WorldConfig, cache: Path, force: bool, progress: bool, num_threa
     timings = manifest["timings"]
     wall = time.perf_counter()
     side = None                                  # (async result, tmp dir) of the base model's process
-    branches = any(name in todo for name in ("encoder", "ot_map", "l2_map"))
-    if parallel and branches and "base_model" in todo:
+    if parallel and "base_model" in todo and any(name in todo for name in ENCODER_BRANCH):
         import multiprocessing
 
         pool = multiprocessing.get_context("spawn").Pool(1)
@@ -323,7 +324,7 @@ def _run_phases(cfg: WorldConfig, cache: Path, manifest: dict, todo: list, phase
     timings = manifest["timings"]
     with torch_threads(num_threads):
         corpus = None
-        if any(name in todo for name in ("encoder", "ot_map", "l2_map")):
+        if any(name in todo for name in ENCODER_BRANCH):
             start = time.perf_counter()
             corpus = phases.make_corpora(cfg)
             timings["corpus"] = time.perf_counter() - start
