@@ -6,12 +6,18 @@ paper) are ``rewards.weights``; the consistency-distillation weight ``w_cd`` is 
 
     loss = w_cd * L_CD  -  sum_r w_r * R_r
 
+The ``train`` defaults are the paper's preset (Algorithm 1 and the released scripts, roar-ai/pisces
+``scripts/distill/distill_hunyuan.sh`` + ``fastvideo/distill.py``): clean latents from data
+(``latent_source=dataset``; the scripts train on precomputed video latents), one conditional pass for the
+student, the teacher and the target (``guidance_scale=1``; ``--not_apply_cfg_solver``), a 50-level grid
+(``--num_euler_timesteps 50``), a stop-gradient target (no ``--use_ema``; ``--ema_decay`` 0.95 when on) and
+``c = 0.001``. ``latent_source=generated`` and ``guidance_scale=null`` (CFG everywhere) remain as options::
+
     cfg = load_config(BackpropConfig, "recipes/configs/backprop_tiny_cpu.yaml", ["train.max_steps=2"])
 """
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -19,9 +25,7 @@ from .base import ConfigBase, ConfigError, option, require, section
 from .grpo import (CheckpointConfig, DataConfig, LoggingConfig, ModelConfig, RewardsConfig, SamplingConfig,
                    _divisors, _positive, check_video_shape, videos_per_process)
 
-__all__ = ["BackpropTrainConfig", "BackpropConfig", "backprop_batch_arithmetic", "VIDEO_DATASETS"]
-
-VIDEO_DATASETS = ("shapes",)  # train.video_dataset names resolved in code
+__all__ = ["BackpropTrainConfig", "BackpropConfig", "backprop_batch_arithmetic"]
 
 
 @dataclass
@@ -34,27 +38,31 @@ class BackpropTrainConfig(ConfigBase):
                                 "normalises rewards within these groups")
     sample_batch_size: int = option(4, "videos per rollout forward when latent_source=generated, per process")
     train_batch_size: int = option(2, "videos per forward/backward micro-batch, per process (the memory knob)")
-    latent_source: str = option("generated", "where clean latents x0 come from: generated = sampled by the current "
-                                             "policy (no grad); dataset = videos of train.video_dataset encoded by "
-                                             "the VAE", choices=("generated", "dataset"))
-    video_dataset: str = option("shapes", "latent_source=dataset: 'shapes' (ShapesWorld captioned videos rendered "
-                                          "at the sampling size) or a datasets.save_to_disk directory with a "
-                                          "uint8 'video' column [F, H, W, 3] and a caption column")
+    latent_source: str = option("dataset", "where clean latents x0 come from: dataset = videos (or latents) of "
+                                           "train.video_dataset, as PISCES Algorithm 1; generated = sampled by the "
+                                           "current policy (no grad)", choices=("generated", "dataset"))
+    video_dataset: str = option("shapes", "latent_source=dataset: a registered video source ('shapes' = the "
+                                          "ShapesWorld corpus clips), an import path 'package.module:function', or a "
+                                          "datasets.save_to_disk directory / parquet file with a caption column and "
+                                          "a uint8 'video' column [F, H, W, 3] or a float 'latents' column "
+                                          "[C, F, h, w] (see docs/backprop.md)")
     caption_column: str = option("caption", "column of train.video_dataset holding the prompt of each video")
-    dataset_size: int = option(64, "videos rendered when video_dataset=shapes")
+    dataset_size: int = option(64, "videos a named source (e.g. 'shapes') or an import-path source provides")
     cd_weight: float = option(1.0, "w_cd, weight of the consistency-distillation loss L_CD (0 = reward only)")
-    huber_c: float = option(0.001, "c of the pseudo-Huber distance sqrt(mean((x - y)^2) + c^2) - c")
+    huber_c: float = option(0.001, "c of the pseudo-Huber distance of L_CD (pisces_rl.trainer.losses.pseudo_huber)")
     cd_target: str = option("stopgrad", "network of the target's jump from sigma' to sigma_min: stopgrad = the "
                                         "current LoRA without gradient; ema = an exponential moving average of "
                                         "the LoRA weights", choices=("stopgrad", "ema"))
     ema_decay: float = option(0.95, "lambda of the EMA target: ema <- lambda * ema + (1 - lambda) * theta")
-    teacher_steps: int = option(20, "N of the noise-level grid: sigma and the teacher's sigma' are consecutive "
+    teacher_steps: int = option(50, "N of the noise-level grid: sigma and the teacher's sigma' are consecutive "
                                     "levels of the N-step flow schedule (scheduler shift included)")
     sigma_range: tuple[float, float] = option((0.0, 1.0), "noise levels sigma are drawn uniformly from the grid "
                                                           "levels inside [low, high]")
-    guidance_scale: Optional[float] = option(None, "CFG scale of the student, teacher and target velocities in "
-                                                   "the loss (null = sampling.guidance_scale; 1 = conditional "
-                                                   "only, half the denoiser memory)")
+    guidance_scale: Optional[float] = option(1.0, "CFG scale of the student and target velocities in the loss: 1 = "
+                                                  "one conditional pass, as PISCES (null = sampling.guidance_scale)")
+    teacher_guidance_scale: Optional[float] = option(None, "CFG scale of the teacher's step (null = "
+                                                           "train.guidance_scale); > 1 distils a guided teacher "
+                                                           "into the student")
     adaptive_fusion: bool = option(False, "normalise each reward within its group, (R - mean) / std with the "
                                           "statistics detached, before weighting")
     decode_checkpointing: bool = option(True, "recompute the VAE decode in backward instead of storing its "
@@ -76,15 +84,15 @@ class BackpropTrainConfig(ConfigBase):
         require(0 <= self.ema_decay < 1, "ema_decay", f"must be in [0, 1), got {self.ema_decay}")
         lo, hi = self.sigma_range
         require(0 <= lo <= hi <= 1, "sigma_range", f"must satisfy 0 <= low <= high <= 1, got [{lo}, {hi}]")
-        require(self.guidance_scale is None or (math.isfinite(self.guidance_scale) and self.guidance_scale >= 0),
-                "guidance_scale", f"must be >= 0 or null, got {self.guidance_scale}")
+        for key in ("guidance_scale", "teacher_guidance_scale"):
+            g = getattr(self, key)
+            require(g is None or (math.isfinite(g) and g >= 0), key, f"must be >= 0 or null, got {g}")
         require(not self.adaptive_fusion or self.group_size >= 2, "group_size",
                 f"adaptive_fusion normalises rewards within a group and needs group_size >= 2, got {self.group_size}")
         require(self.caption_column.strip() != "", "caption_column", "is empty")
-        if self.latent_source == "dataset":
-            require(self.video_dataset in VIDEO_DATASETS or os.path.isdir(os.path.expanduser(self.video_dataset)),
-                    "video_dataset", f"{self.video_dataset!r} is neither 'shapes' nor an existing directory (working "
-                    f"directory: {os.getcwd()}); give a datasets.save_to_disk directory")
+        # train.video_dataset is opened (and checked, one ConfigError naming the fix) by BackpropTrainer before
+        # any model is built: a shipped config may name a directory that exists only on the machine it runs on
+        require(self.video_dataset.strip() != "", "video_dataset", "is empty; use 'shapes' or a dataset directory")
         for i, beta in enumerate(self.adam_betas):
             require(0 <= beta < 1, f"adam_betas[{i}]", f"must be in [0, 1), got {beta}")
 

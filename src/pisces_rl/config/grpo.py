@@ -186,7 +186,17 @@ class TrainConfig(ConfigBase):
                                         "each reward and sum their clipped surrogates",
                                  choices=("sum", "per_reward"))
     kl_beta: float = option(0.0, "weight of the KL penalty to the LoRA-disabled model (0 = off)")
-    cd_weight: float = option(0.0, "weight of the consistency-distillation term (0 = off)")
+    cd_weight: float = option(0.0, "weight of the consistency-distillation loss L_CD (PISCES Eq. 7) at the trained "
+                                   "rollout states: the one-step jump to x0 against the target network's jump "
+                                   "after one teacher step (LoRA disabled) to the next sampling level (0 = off)")
+    cd_target: str = option("stopgrad", "target network of the CD term: stopgrad = the current LoRA without "
+                                        "gradient; ema = an EMA of the LoRA weights", choices=("stopgrad", "ema"))
+    cd_ema_decay: float = option(0.95, "lambda of the CD term's EMA target: ema <- lambda * ema + (1 - lambda) * theta")
+    cd_guidance_scale: Optional[float] = option(1.0, "CFG scale of the student, teacher and target velocities of "
+                                                     "the CD term: 1 = one conditional pass, as PISCES (null = the "
+                                                     "sampling guidance_scale)")
+    base_anchor_weight: float = option(0.0, "weight of pseudo_huber(mean_theta, mean_ref), which anchors the SDE "
+                                            "transition mean to the LoRA-disabled base model (not Eq. 7; 0 = off)")
     max_grad_norm: float = option(1.0, "gradient-norm clipping threshold")
     mixed_precision: str = option("no", "autocast dtype of forward passes", choices=("no", "bf16", "fp16"))
     seed: int = option(42, "seed of prompt order, sampling noise and timestep subsets")
@@ -198,6 +208,10 @@ class TrainConfig(ConfigBase):
         _positive(self, "weight_decay", "warmup_steps", "kl_beta", "cd_weight", "seed", zero_ok=True)
         require(self.group_size >= 2, "group_size", f"must be >= 2 to normalise advantages within a group, "
                 f"got {self.group_size}")
+        _positive(self, "base_anchor_weight", zero_ok=True)
+        require(0 <= self.cd_ema_decay < 1, "cd_ema_decay", f"must be in [0, 1), got {self.cd_ema_decay}")
+        g = self.cd_guidance_scale
+        require(g is None or (math.isfinite(g) and g >= 0), "cd_guidance_scale", f"must be >= 0 or null, got {g}")
         for i, beta in enumerate(self.adam_betas):
             require(0 <= beta < 1, f"adam_betas[{i}]", f"must be in [0, 1), got {beta}")
 

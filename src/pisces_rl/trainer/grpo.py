@@ -6,7 +6,7 @@ One iteration (PISCES §1(d); the ddpo/flow_grpo loop)::
             ─► RewardServer scores [B, R] and total [B]
             ─► group-normalised advantages ([B] or [B, R])
             ─► inner epochs: for each micro-batch and each trained timestep,
-               clipped surrogate (+ β·KL to the LoRA-disabled model, + CD term) ─► accelerate.backward
+               clipped surrogate (+ β·KL to the LoRA-disabled model, + w_cd·L_CD) ─► accelerate.backward
             ─► optimizer step per (micro-batches × timesteps) accumulation window
 
 The run around it (logging, evaluation, checkpoints, resume) is :class:`~pisces_rl.trainer.base.TrainerBase`.
@@ -19,11 +19,12 @@ from typing import Optional
 
 import torch
 
-from ..config import GRPOConfig, batch_arithmetic
+from ..config import ConfigError, GRPOConfig, batch_arithmetic
 from ..rollout import Rollout, rescore_log_prob, sample_rollout
-from .accel import gradient_sync
+from .accel import gradient_sync, zero_stage
 from .advantages import group_advantages
 from .base import RewardsArg, TrainerBase, seed_for
+from .consistency import consistency_target, euler_jump, lora_ema_for
 from .losses import clipped_policy_loss, gaussian_kl, pseudo_huber
 
 
@@ -128,10 +129,15 @@ class GRPOTrainer(TrainerBase):
 
     # ------------------------------------------------------------------ regularisers
     def _regularisers(self, rollout, j, mb, out, stats) -> torch.Tensor:
-        """β·KL(π‖π_ref) and the consistency-distillation term, both against the LoRA-disabled model."""
+        """``w_cd·L_CD`` (PISCES Eq. 7, :meth:`consistency_loss`), and β·KL(π‖π_ref) and the base-model anchor
+        ``pseudo_huber(mean_θ, mean_ref)``, both against the LoRA-disabled model."""
         t = self.config.train
         extra = torch.zeros((), device=out.log_prob.device)
-        if t.kl_beta <= 0 and t.cd_weight <= 0:
+        if t.cd_weight > 0:
+            cd = self.consistency_loss(rollout, j, mb)
+            stats["cd_loss"] = cd.detach()
+            extra = extra + t.cd_weight * cd
+        if t.kl_beta <= 0 and t.base_anchor_weight <= 0:
             return extra
         with torch.no_grad(), self.policy.lora_disabled():
             ref = rescore_log_prob(self.policy, rollout, j, mb)
@@ -139,8 +145,55 @@ class GRPOTrainer(TrainerBase):
             kl = gaussian_kl(out.mean, ref.mean, out.std).mean()
             stats["kl"] = kl.detach()
             extra = extra + t.kl_beta * kl
-        if t.cd_weight > 0:
-            cd = pseudo_huber(out.mean, ref.mean).mean()
-            stats["cd_loss"] = cd.detach()
-            extra = extra + t.cd_weight * cd
+        if t.base_anchor_weight > 0:
+            anchor = pseudo_huber(out.mean, ref.mean).mean()
+            stats["base_anchor"] = anchor.detach()
+            extra = extra + t.base_anchor_weight * anchor
         return extra
+
+    def consistency_loss(self, rollout: Rollout, j: torch.Tensor, mb: torch.Tensor) -> torch.Tensor:
+        """Mean ``L_CD`` over the videos ``mb`` at their recorded states ``x = latents[mb, j]`` (released code:
+        roar-ai/pisces ``fastvideo/distill_grpo.py``, the distill term beside the clipped surrogates)::
+
+            x̂0   = x    + (σ_min − σ_j)    ·v_θ(x, σ_j)          student (LoRA, with grad)
+            x'   = x    + (σ_j+1 − σ_j)    ·v_φ(x, σ_j)          teacher: one sampling step, LoRA disabled
+            x̃0   = x'   + (σ_min − σ_j+1)  ·v_ψ(x', σ_j+1)       target: current LoRA (stopgrad) or its EMA
+            L_CD = pseudo_huber(x̂0, x̃0)
+
+        on the rollout's sampling grid, all three at ``train.cd_guidance_scale``. The student's velocity is its
+        own forward pass (the log-prob step's guided velocity is not returned by ``rescore_log_prob``).
+        """
+        g = self.cd_guidance
+        x = rollout.latents[mb, j]                                            # [b, C, F, h, w]
+        sigmas = rollout.sigmas.to(x.device)
+        timesteps = torch.cat([rollout.timesteps, rollout.timesteps.new_zeros(1)]).to(x.device)  # t(σ_min) = 0
+        sigma, sigma_min = sigmas[j], sigmas[-1].expand(len(j))
+        negative = rollout.negative_prompt_embeds[mb] if g > 1 else None
+        cond = (rollout.prompt_embeds[mb], negative, g)
+        target = consistency_target(self.policy, x, sigma, sigmas[j + 1], sigma_min, timesteps[j],
+                                    timesteps[j + 1], cond, ema=self.ema)
+        x0_hat = euler_jump(x, self.policy.predict_velocity(x, timesteps[j], *cond), sigma, sigma_min)
+        return pseudo_huber(x0_hat, target).mean()
+
+    def _setup_optimizer(self, total_optimizer_steps: int) -> None:
+        """The shared optimiser set-up, then the CD term's EMA target (registered for checkpointing)."""
+        super()._setup_optimizer(total_optimizer_steps)
+        t = self.config.train
+        self.cd_guidance = self.config.sampling.guidance_scale if t.cd_guidance_scale is None else t.cd_guidance_scale
+        if t.cd_weight > 0 and self.cd_guidance > 1 and self.config.sampling.guidance_scale <= 1:
+            raise ConfigError(f"{self.cd_guidance} > 1 needs the negative prompt embeddings of CFG sampling, but "
+                              "sampling.guidance_scale <= 1 records none; set it to 1 or null", "train.cd_guidance_scale")
+        self.ema = None
+        if t.cd_weight > 0 and t.cd_target == "ema":
+            if zero_stage(self.accelerator) == 3:
+                raise ValueError("train.cd_target=ema needs whole LoRA weights on every process; ZeRO-3 shards them. "
+                                 "Use a ZeRO-2 / DDP launch config or train.cd_target=stopgrad")
+            self.ema = lora_ema_for(self.policy, t.cd_ema_decay)
+            self.accelerator.register_for_checkpointing(self.ema)
+
+    def _optimizer_step(self) -> float:
+        """The shared optimiser step, then the EMA target's update ``ema ← λ·ema + (1 − λ)·θ``."""
+        norm = super()._optimizer_step()
+        if self.ema is not None:
+            self.ema.update()
+        return norm
