@@ -59,7 +59,8 @@ def overrides(args: argparse.Namespace, trainer: str, options: bool, frames: int
               f"train.group_size={args.batch}", f"train.sample_batch_size={args.batch}",
               "rewards.weights={ot_quality: 1.0, ot_semantic: 1.0}"]
     if trainer == "backprop":
-        common += [f"train.teacher_steps={args.steps}"]
+        common += [f"train.teacher_steps={args.steps}",  # the measured setting: generated x0, CFG in the loss
+                   "train.latent_source=generated", "train.guidance_scale=null"]
     if options:
         return common + ["model.gradient_checkpointing=true", "sampling.decode_chunk_size=1",
                          "train.train_batch_size=1", f"rewards.num_frames={min(args.reward_frames, frames)}",

@@ -3,13 +3,18 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
+import datasets
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from _launch import ROOT, accelerate_launch
 from pisces_rl.config import BackpropConfig, ConfigError, load_config
+from pisces_rl.data.videos import encode_video_dataset, register_video_source, videos_to_model
 from pisces_rl.rewards import RewardServer
 from pisces_rl.trainer import BackpropTrainer
 from pisces_rl.trainer.backprop import LoraEMA, euler_jump, fuse_rewards, noise_latents
@@ -27,8 +32,8 @@ brightness.differentiable = True
 def tiny_config(tmp_path, *overrides):
     base = [f"output_dir={tmp_path}", "train.max_steps=2", "train.prompts_per_step=1", "train.group_size=2",
             "train.sample_batch_size=2", "train.train_batch_size=1", "train.teacher_steps=4",
-            "train.learning_rate=5e-3", "sampling.num_inference_steps=3", "sampling.height=16", "sampling.width=16",
-            "logging.report_to=none", "data.num_eval_prompts=1"]
+            "train.learning_rate=5e-3", "train.dataset_size=8", "sampling.num_inference_steps=3",
+            "sampling.height=16", "sampling.width=16", "logging.report_to=none", "data.num_eval_prompts=1"]
     return load_config(BackpropConfig, None, [*base, *overrides])
 
 
@@ -49,7 +54,8 @@ def test_gradients_reach_only_lora_through_decode_and_rewards(tmp_path):
 
     encoder = BlipVideoTextEncoder.tiny(seed=0)
     rewards = {"ot_quality": (OTQualityReward(encoder), 1.0), "ot_semantic": (OTSemanticReward(encoder), 1.0)}
-    trainer = BackpropTrainer(tiny_config(tmp_path, "train.cd_weight=0", "train.train_batch_size=2"), rewards=rewards)
+    trainer = BackpropTrainer(tiny_config(tmp_path, "train.cd_weight=0", "train.train_batch_size=2",
+                                          "train.latent_source=generated"), rewards=rewards)  # x0 from the policy
     perturb_lora(trainer)  # LoRA B = 0 at init would leave the A matrices without gradient
     batch = trainer.make_batch(0)
     rows = torch.arange(2)
@@ -170,28 +176,152 @@ def test_resume_continues_exactly_with_ema(tmp_path):
         assert key in summary["metrics"], key
 
 
-def test_dataset_latents_and_one_clear_error_per_bad_input(tmp_path):
-    from pisces_rl.worlds.shapes import shapes_corpus, videos_to_tensor
+def video_dataset(n=3, frames=5, size=16, seed=0):
+    """A tiny in-memory dataset of captioned random videos (uint8 [F, H, W, 3])."""
+    rng = np.random.default_rng(seed)
+    return datasets.Dataset.from_dict({"video": rng.integers(0, 256, (n, frames, size, size, 3), dtype=np.uint8),
+                                       "caption": [f"clip number {i}" for i in range(n)]})
 
-    cfg = tiny_config(tmp_path, "train.latent_source=dataset", "train.max_steps=1", "sampling.num_frames=5")
-    data = shapes_corpus(3, seed=0, num_frames=5, size=16)
-    trainer = BackpropTrainer(cfg, rewards={"b": brightness}, dataset=data)
-    videos = videos_to_tensor(data.with_format("numpy", dtype="uint8")[:2]["video"])
+
+def count_encodes(trainer, monkeypatch):
+    """Record how many videos each VAE-encoder call gets (the real encoder still runs)."""
+    calls, encode = [], trainer.policy.encode
+    monkeypatch.setattr(trainer.policy, "encode", lambda videos, *a: calls.append(len(videos)) or encode(videos, *a))
+    return calls
+
+
+def test_dataset_of_videos_trains_and_encodes_each_video_once(tmp_path, monkeypatch):
+    data = video_dataset()
+    trainer = BackpropTrainer(tiny_config(tmp_path, "train.prompts_per_step=2", "train.max_steps=1"),
+                              rewards={"b": brightness}, dataset=data)
+    calls = count_encodes(trainer, monkeypatch)
+    batch = trainer.make_batch(0)
+    assert calls == [2], "the step's two distinct videos go through the VAE once, in one call"
+    trainer.make_batch(0)
+    assert calls == [2], "a video already encoded is not encoded again"
+    rows = [data["caption"].index(p) for p in batch.prompts[::2]]
+    assert batch.prompts == [data["caption"][r] for r in rows for _ in range(2)], "G copies of each row's caption"
     with torch.no_grad():
-        latents = trainer.policy.encode(videos)
-    assert latents.shape == trainer.policy.latent_shape(2, 5, 16, 16)
-    assert trainer.make_batch(0).prompts[0] in data["caption"]
-    assert trainer.train()["reward/b/mean"] > 0
+        expected = trainer.policy.encode(videos_to_model(np.asarray(data[rows]["video"], dtype=np.uint8)))
+    torch.testing.assert_close(batch.latents, expected.repeat_interleave(2, dim=0), rtol=0, atol=1e-6)
+    assert not torch.equal(batch.noise[0], batch.noise[1]), "each copy of a group gets its own noise"
+    init = lora(trainer)
+    metrics = trainer.train()
+    assert np.isfinite(metrics["train/cd_loss"]) and np.isfinite(metrics["reward/b/mean"])
+    assert any(not torch.equal(v, init[k]) for k, v in lora(trainer).items()), "LoRA did not train"
 
-    with pytest.raises(ValueError, match="sampling.num_frames=5"):
-        BackpropTrainer(tiny_config(tmp_path, "train.latent_source=dataset", "sampling.num_frames=9"),
-                        rewards={"b": brightness}, dataset=data)
+
+def test_dataset_of_latents_trains_without_the_vae_encoder(tmp_path, monkeypatch):
+    videos = BackpropTrainer(tiny_config(tmp_path / "v", "train.max_steps=1"), rewards={"b": brightness},
+                             dataset=video_dataset())
+    latents = encode_video_dataset(videos.policy, video_dataset(), batch_size=2)
+    assert latents.column_names == ["caption", "latents"]
+    trainer = BackpropTrainer(tiny_config(tmp_path / "l", "train.max_steps=1"), rewards={"b": brightness},
+                              dataset=latents)
+    calls = count_encodes(trainer, monkeypatch)
+    batch = trainer.make_batch(0)
+    assert calls == [], "stored latents never go through the VAE encoder"
+    same = videos.make_batch(0)  # same seed, same model weights (model.seed), same rows
+    assert batch.prompts == same.prompts
+    torch.testing.assert_close(batch.latents, same.latents, rtol=0, atol=1e-6)
+    init = lora(trainer)
+    trainer.train()
+    assert calls == [] and any(not torch.equal(v, init[k]) for k, v in lora(trainer).items())
+
+
+def test_registered_video_source_and_shapes_corpus_by_name(tmp_path):
+    sizes = []
+
+    def clips(num_videos, num_frames, height, width):
+        sizes.append((num_videos, num_frames, height, width))
+        return video_dataset(num_videos, num_frames, height)
+
+    register_video_source("tiny_clips_for_test", clips)
+    trainer = BackpropTrainer(tiny_config(tmp_path, "train.video_dataset=tiny_clips_for_test"),
+                              rewards={"b": brightness})
+    assert sizes == [(8, 5, 16, 16)] and len(trainer.dataset) == 8
+    shapes = BackpropTrainer(tiny_config(tmp_path), rewards={"b": brightness})  # the default: video_dataset=shapes
+    from pisces_rl.worlds.shapes.corpus import caption_split
+
+    assert all(caption_split(c) == "train" for c in shapes.dataset["canonical_caption"]), "held-out caption leaked"
+
+
+def test_core_does_not_import_a_world():
+    code = ("import sys, pisces_rl.trainer, pisces_rl.data.videos, pisces_rl.config;"
+            "bad = [m for m in sys.modules if m.startswith('pisces_rl.worlds')]; assert not bad, bad")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def _bad_datasets():
+    ok = video_dataset(2)
+    return {
+        "not a Dataset": ({"video": np.zeros((1, 5, 16, 16, 3), np.uint8), "caption": ["x"]}, "pass a datasets.Dataset"),
+        "no rows": (ok.select([]), "no rows"),
+        "no caption": (ok.remove_columns("caption"), "lacks the column.*'caption'"),
+        "no video": (ok.remove_columns("video"), "lacks the column.*'video' or 'latents'"),
+        "frames": (video_dataset(2, frames=9), r"sampling.num_frames=9"),
+        "latent shape": (datasets.Dataset.from_dict({"latents": np.zeros((1, 16, 2, 4, 4), np.float32),
+                                                     "caption": ["x"]}), "encode the videos at the sampling size"),
+        "float range": (ok.cast_column("video", datasets.List(datasets.List(datasets.List(datasets.List(
+            datasets.Value("float32")))))), r"uint8 \(0..255\) or float in \[0, 1\]"),
+        "empty caption": (datasets.Dataset.from_dict({"video": np.zeros((1, 5, 16, 16, 3), np.uint8),
+                                                      "caption": [" "]}), "non-empty prompt strings"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_datasets()))
+def test_bad_dataset_is_one_clear_config_error(tmp_path, case):
+    data, message = _bad_datasets()[case]
+    with pytest.raises(ConfigError, match=message) as err:
+        BackpropTrainer(tiny_config(tmp_path), rewards={"b": brightness}, dataset=data)
+    assert err.value.key == "train.video_dataset"
+    assert err.value.__cause__ is None and (err.value.__context__ is None or err.value.__suppress_context__)
+
+
+@pytest.mark.parametrize("spec, message", [("/no/such/dir", "neither a registered video source"),
+                                           ("no_such_module_xyz:clips", "cannot be imported"),
+                                           ("EMPTY_DIR", "save_to_disk")])
+def test_bad_video_dataset_fails_before_any_model_is_built(tmp_path, monkeypatch, spec, message):
+    import pisces_rl.trainer.base as base
+
+    monkeypatch.setattr(base, "build_policy", lambda *a, **k: pytest.fail("a model was built before the check"))
+    spec = str(tmp_path) if spec == "EMPTY_DIR" else spec
+    with pytest.raises(ConfigError, match=message) as err:
+        BackpropTrainer(tiny_config(tmp_path, f"train.video_dataset={spec}"), rewards={"b": brightness})
+    assert err.value.key == "train.video_dataset"
+    assert err.value.__cause__ is None and (err.value.__context__ is None or err.value.__suppress_context__)
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ((), [2, 2, 2]),                                              # paper: teacher, target, student one pass each
+    (("train.teacher_guidance_scale=4.0",), [4, 2, 2]),           # released CFG solver: guided teacher only
+    (("train.guidance_scale=null",), [4, 4, 4]),                  # CFG everywhere at sampling.guidance_scale=4
+])
+def test_teacher_runs_without_cfg_by_default(tmp_path, overrides, expected):
+    """Released code (roar-ai/pisces distill.py) with --not_apply_cfg_solver: uncond_teacher_output = cond, so the
+    teacher is one conditional pass, like the single-pass student and target."""
+    trainer = BackpropTrainer(tiny_config(tmp_path, "train.train_batch_size=2", *overrides), rewards={"b": brightness})
+    batch = trainer.make_batch(0)
+    assert (batch.negative_prompt_embeds is None) == (expected == [2, 2, 2])
+    batches = []  # denoiser batch of each call, in call order
+    hook = trainer.policy.transformer.register_forward_hook(lambda m, args, out: batches.append(out[0].shape[0]))
+    try:
+        trainer.loss(batch, torch.arange(2))
+    finally:
+        hook.remove()
+    assert batches == expected
+
+
+def test_other_bad_inputs_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="differentiable = True"):
         BackpropTrainer(tiny_config(tmp_path), rewards={"plain": lambda videos, prompts: videos.mean((1, 2, 3, 4))})
     with pytest.raises(ConfigError, match="train.train_batch_size"):
         tiny_config(tmp_path, "train.adaptive_fusion=true", "train.train_batch_size=1")
     with pytest.raises(ValueError, match="sigma_range"):
         BackpropTrainer(tiny_config(tmp_path, "train.sigma_range=[0.99, 0.995]"), rewards={"b": brightness})
+    with pytest.raises(ConfigError, match="train.teacher_guidance_scale"):
+        tiny_config(tmp_path, "train.teacher_guidance_scale=-1")
 
 
 def test_reward_frame_cap_splits_calls_without_changing_scores():
@@ -218,6 +348,21 @@ def test_shipped_backprop_configs_use_the_cd_term():
     for name in names:
         cfg = load_config(BackpropConfig, os.path.join(ROOT, "recipes", "configs", name))
         assert cfg.train.cd_weight > 0 and cfg.rewards.weights
+
+
+def test_paper_preset_is_the_default_and_the_shipped_configs_use_it():
+    """Review F7 (correctness-review-fc4b722): PISCES Algorithm 1 takes x0 from data with a CFG-free teacher.
+    Released code: roar-ai/pisces scripts/distill/distill_hunyuan.sh (--not_apply_cfg_solver, --num_euler_timesteps
+    50, no --use_ema, fastvideo/distill.py trains on LatentDataset latents)."""
+    t = BackpropConfig().train
+    assert (t.latent_source, t.guidance_scale, t.teacher_guidance_scale) == ("dataset", 1.0, None)
+    assert (t.teacher_steps, t.cd_target, t.ema_decay, t.huber_c, t.cd_weight) == (50, "stopgrad", 0.95, 0.001, 1.0)
+    for name in ("backprop_short_video_wan.yaml", "backprop_long_video_wan.yaml", "backprop_shapes_cpu.yaml",
+                 "backprop_tiny_cpu.yaml"):
+        t = load_config(BackpropConfig, os.path.join(ROOT, "recipes", "configs", name)).train
+        assert (t.latent_source, t.guidance_scale, t.teacher_guidance_scale) == ("dataset", 1.0, None), name
+    assert load_config(BackpropConfig, os.path.join(ROOT, "recipes", "configs",
+                                                    "backprop_shapes_cpu.yaml")).train.video_dataset == "shapes"
 
 
 @pytest.mark.distributed
