@@ -216,8 +216,9 @@ def test_dataset_of_latents_trains_without_the_vae_encoder(tmp_path, monkeypatch
                              dataset=video_dataset())
     latents = encode_video_dataset(videos.policy, video_dataset(), batch_size=2)
     assert latents.column_names == ["caption", "latents"]
-    trainer = BackpropTrainer(tiny_config(tmp_path / "l", "train.max_steps=1"), rewards={"b": brightness},
-                              dataset=latents)
+    latents.save_to_disk(str(tmp_path / "latents"))  # given as a path, as a recipe config would
+    trainer = BackpropTrainer(tiny_config(tmp_path / "l", "train.max_steps=1",
+                                          f"train.video_dataset={tmp_path / 'latents'}"), rewards={"b": brightness})
     calls = count_encodes(trainer, monkeypatch)
     batch = trainer.make_batch(0)
     assert calls == [], "stored latents never go through the VAE encoder"
