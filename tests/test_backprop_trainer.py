@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from _launch import ROOT, accelerate_launch
 from pisces_rl.config import BackpropConfig, ConfigError, load_config
-from pisces_rl.data.videos import encode_video_dataset, register_video_source, videos_to_model
+from pisces_rl.data.videos import VIDEO_SOURCES, encode_video_dataset, register_video_source, videos_to_model
 from pisces_rl.rewards import RewardServer
 from pisces_rl.trainer import BackpropTrainer
 from pisces_rl.trainer.backprop import LoraEMA, euler_jump, fuse_rewards, noise_latents
@@ -238,8 +238,11 @@ def test_registered_video_source_and_shapes_corpus_by_name(tmp_path):
         return video_dataset(num_videos, num_frames, height)
 
     register_video_source("tiny_clips_for_test", clips)
-    trainer = BackpropTrainer(tiny_config(tmp_path, "train.video_dataset=tiny_clips_for_test"),
-                              rewards={"b": brightness})
+    try:
+        trainer = BackpropTrainer(tiny_config(tmp_path, "train.video_dataset=tiny_clips_for_test"),
+                                  rewards={"b": brightness})
+    finally:
+        VIDEO_SOURCES.pop("tiny_clips_for_test")
     assert sizes == [(8, 5, 16, 16)] and len(trainer.dataset) == 8
     shapes = BackpropTrainer(tiny_config(tmp_path), rewards={"b": brightness})  # the default: video_dataset=shapes
     from pisces_rl.worlds.shapes.corpus import caption_split
