@@ -66,7 +66,7 @@ class VideoFeatures:
         token_embeddings: ``[B, M, D]`` the visual tokens projected to ITC space, L2-normalised (``x_j``).
         frame_index: ``[M]`` ``t_j``, the frame number ``0 .. F-1`` of each patch token; the visual CLS gets -1.
         patch_position: ``[M, 2]`` ``s_j`` = (row, column) on ``linspace(0, 1, h) × linspace(0, 1, w)``; the visual
-            CLS gets (-1, -1), so it is the farthest token in the OT cost (the PISCES code's geometry).
+            CLS gets (-1, -1), outside the grid (the PISCES code's geometry).
         num_frames: ``F``, frames that reached the vision tower (after subsampling).
         grid: ``(h, w)`` patch grid per frame.
     """

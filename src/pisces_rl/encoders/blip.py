@@ -101,9 +101,6 @@ def _resolve_dtype(dtype) -> Optional[torch.dtype]:
 class BlipVideoTextEncoder(nn.Module):
     """``VideoTextEncoder`` over a ``BlipForImageTextRetrieval`` model (frozen by default).
 
-    ``supports_layer_qk``: fusers that set ``wants_layer_qk`` receive each cross-attention layer's query / key
-    projections (module docstring).
-
     Args:
         model: the BLIP image–text retrieval model; its text config must have ``is_decoder=True`` (cross-attention).
         tokenizer: the matching (BERT WordPiece) tokenizer.
@@ -317,8 +314,8 @@ class BlipVideoTextEncoder(nn.Module):
 
         Patch tokens get their frame number ``t = 0 .. F-1`` (not rescaled) and their grid position
         ``s = (row, col)`` on ``linspace(0, 1, h) × linspace(0, 1, w)`` ('ij' order); the visual [CLS] gets
-        ``t = -1`` and ``s = (-1, -1)``, so it is the farthest token in the temporal and spatial cost terms
-        (roar-ai/pisces ``fastvideo/partial_optimal_transport.py`` @f8606b0, ``build_video_token_geometry``).
+        ``t = -1`` and ``s = (-1, -1)``: outside the grid, farther in space than any patch from a text token that
+        attends to patches, one frame before frame 0 in time (roar-ai/pisces ``fastvideo/partial_optimal_transport.py`` @f8606b0, ``build_video_token_geometry``).
         """
         gh, gw = self.grid
         t = torch.arange(num_frames, dtype=torch.float32)
