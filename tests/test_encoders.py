@@ -59,12 +59,15 @@ def test_video_features_shapes_and_positions(encoder):
     torch.testing.assert_close(out.pooled_embedding, out.token_embeddings[:, 0])
     torch.testing.assert_close(out.pooled_embedding.norm(dim=-1), torch.ones(2))
     assert out.frame_index.shape == (m,) and out.patch_position.shape == (m, 2)
-    assert out.frame_index[0] == 0.5 and torch.equal(out.patch_position[0], torch.tensor([0.5, 0.5]))
-    assert torch.equal(out.frame_index[1:].unique(), torch.tensor([0.0, 0.5, 1.0]))
-    assert out.patch_position[1:].min() == 0.5 / h and out.patch_position[1:].max() == 1 - 0.5 / h
-    # frame-major: tokens 1..h*w belong to frame 0, with row-major patch centres
+    # the PISCES code's geometry: visual CLS at frame -1 and (-1, -1); patches at frame numbers, linspace(0, 1) grid
+    assert out.frame_index[0] == -1 and torch.equal(out.patch_position[0], torch.tensor([-1.0, -1.0]))
+    assert torch.equal(out.frame_index[1:].unique(), torch.tensor([0.0, 1.0, 2.0]))
+    assert out.patch_position[1:].min() == 0 and out.patch_position[1:].max() == 1
+    # frame-major: tokens 1..h*w belong to frame 0, with row-major patch positions
     assert torch.all(out.frame_index[1:1 + h * w] == 0)
-    torch.testing.assert_close(out.patch_position[2], torch.tensor([0.5 / h, 1.5 / w]))
+    torch.testing.assert_close(out.patch_position[2], torch.tensor([0.0, 1 / (w - 1)]))
+    t1, s1 = encoder.token_positions(1)                    # one frame: still CLS at -1, patches at frame 0
+    assert t1.tolist() == [-1.0] + [0.0] * (h * w) and s1[0].tolist() == [-1.0, -1.0]
 
 
 def test_single_frame_equals_blip_image_model(encoder):
@@ -108,6 +111,42 @@ def test_fuser_called_once_per_cross_attention_layer(encoder):
     assert (uniform - vanilla).abs().max() > 1e-3
     # the hook is inert again after the call
     assert torch.equal(encoder.match_probability(text, video), vanilla) and len(calls) == 2
+
+
+def test_fuser_asking_for_layer_qk_gets_each_layers_query_and_key(encoder):
+    """A fuser with ``wants_layer_qk`` gets ``query=`` the layer's query linear applied to the text states entering
+    its cross-attention and ``key=`` its key linear applied to the visual tokens (as the PISCES code's POT hook
+    receives ``mixed_query_layer`` and ``key_layer``, roar-ai/pisces @f8606b0 ``xbert.py``
+    ``BertSelfAttention.forward``); a plain fuser gets neither, and nothing is recorded outside the context."""
+    text, video = encoder.encode_text(PROMPTS), encoder.encode_video(videos())
+    layers = encoder.model.text_encoder.encoder.layer
+    entering, got = {}, {}
+    handles = [layers[i].crossattention.register_forward_pre_hook(
+        lambda mod, args, i=i: entering.__setitem__(i, args[0].detach())) for i in (0, 1)]
+
+    def fuser(layer, attn, **qk):
+        got[layer] = qk
+        return attn
+
+    fuser.wants_layer_qk = True
+    try:
+        same = encoder.match_probability(text, video, fuser)
+    finally:
+        for h in handles:
+            h.remove()
+    assert torch.equal(same, encoder.match_probability(text, video))
+    n, m = text.input_ids.shape[1], video.tokens.shape[1]
+    for layer in (0, 1):
+        cross = layers[layer].crossattention.self
+        assert got[layer]["query"].shape == (3, n, 32) and got[layer]["key"].shape == (3, m, 32)
+        torch.testing.assert_close(got[layer]["query"], entering[layer] @ cross.query.weight.T + cross.query.bias)
+        torch.testing.assert_close(got[layer]["key"], video.tokens @ cross.key.weight.T + cross.key.bias)
+        assert not got[layer]["query"].requires_grad
+    assert not torch.equal(got[0]["query"], got[1]["query"])
+    plain = []
+    encoder.match_probability(text, video, lambda layer, a, **qk: plain.append(qk) or a)
+    assert plain == [{}, {}]
+    assert encoder.supports_layer_qk
 
 
 def test_fuser_state_restored_after_error_and_isolated_per_thread(encoder):

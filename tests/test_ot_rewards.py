@@ -85,13 +85,14 @@ def test_fuser_plan_matches_pot_oracle(encoder):
     fuser = OTAttentionFuser(text, video, epsilon=0.05, mass=0.9, max_iter=5000, tol=1e-10)
     seen = {}
 
-    def recording(layer, attn):
-        seen[layer] = attn
-        return fuser(layer, attn)
+    def recording(layer, attn, **qk):
+        seen[layer] = (attn, qk)
+        return fuser(layer, attn, **qk)
 
+    recording.wants_layer_qk = fuser.wants_layer_qk
     encoder.match_probability(text, video, recording)
     assert fuser.calls == encoder.cross_attention_layers
-    cost = fuser.cost(seen[1]).double()
+    cost = fuser.cost(seen[1][0], **seen[1][1]).double()
     plan = fuser.plans[1]
     rho = marginal_relaxation(0.05, 0.9)
     for b in range(2):
@@ -106,6 +107,87 @@ def test_fuser_plan_matches_pot_oracle(encoder):
         assert plan[b, 2][~text.lexical_mask[b]].abs().max() == 0
 
 
+def _recording(fuser):
+    """Wrap ``fuser`` so that each layer's attention and query/key projections are kept in ``.seen``."""
+    def call(layer, attn, **qk):
+        call.seen[layer] = (attn, qk)
+        return fuser(layer, attn, **qk)
+
+    call.seen, call.wants_layer_qk = {}, fuser.wants_layer_qk
+    return call
+
+
+def test_layer_qk_cost_is_the_cosine_of_the_layers_query_and_key(encoder):
+    """``cost_embeddings="layer_qk"``: the semantic term of cross-attention layer L is ``1 − cos(y_i, x_j)`` with
+    ``y = query_L(text states entering L's cross-attention)`` and ``x = key_L(visual tokens)``, full width (all heads
+    concatenated, bias included), one matrix for all heads (roar-ai/pisces @f8606b0,
+    ``fastvideo/partial_optimal_transport.py`` ``build_partial_ot_prior``: ``video_embeddings =
+    key_layer[0].transpose(0, 1).reshape(M, -1)``, ``text_embeddings = query_embeddings[0, valid_tokens]``;
+    ``compute_spatiotemporal_cost``: ``1 − normalize(y) @ normalize(x).T``; called from ``xbert.py``
+    ``BertSelfAttention.forward`` with ``mixed_query_layer = self.query(hidden_states)`` and ``key_layer``).
+    With γ = η = 0 our cost is that term min–max normalised over the lexical rows."""
+    text, video = encoder.encode_text(PROMPTS), encoder.encode_video(videos())
+    layers = encoder.model.text_encoder.encoder.layer
+    entering = {}
+    handles = [layers[i].crossattention.register_forward_pre_hook(
+        lambda mod, args, i=i: entering.__setitem__(i, args[0].detach())) for i in encoder.cross_attention_layers]
+    qk_fuser = OTAttentionFuser(text, video, gamma=0.0, eta=0.0, cost_embeddings="layer_qk")
+    itc_fuser = OTAttentionFuser(text, video, gamma=0.0, eta=0.0, cost_embeddings="itc_proj")
+    qk, itc = _recording(qk_fuser), _recording(itc_fuser)
+    try:
+        p_qk = encoder.match_probability(text, video, qk)
+    finally:
+        for h in handles:
+            h.remove()
+    p_itc = encoder.match_probability(text, video, itc)
+    assert qk.wants_layer_qk and not itc.wants_layer_qk and itc.seen[0][1] == {}
+    costs = {}
+    for layer in encoder.cross_attention_layers:
+        attn, kw = qk.seen[layer]
+        cross = layers[layer].crossattention.self
+        q = entering[layer] @ cross.query.weight.T + cross.query.bias                 # [B, N, d]
+        k = video.tokens @ cross.key.weight.T + cross.key.bias                        # [B, M, d]
+        assert kw["query"].shape == q.shape and kw["key"].shape == k.shape == (3, video.tokens.shape[1], 32)
+        cosine = torch.nn.functional.normalize(q, dim=-1) @ torch.nn.functional.normalize(k, dim=-1).transpose(1, 2)
+        costs[layer] = qk_fuser.cost(attn, **kw)
+        for b in range(3):
+            rows = text.lexical_mask[b]
+            sem = 1 - cosine[b][rows]
+            expected = (sem - sem.min()) / (sem.max() - sem.min())
+            for head in range(attn.shape[1]):
+                torch.testing.assert_close(costs[layer][b, head][rows], expected, atol=2e-5, rtol=0)
+        itc_cost = itc_fuser.cost(itc.seen[layer][0])
+        assert (costs[layer] - itc_cost).abs().max() > 0.1                           # other embeddings
+    assert (costs[0] - costs[1]).abs().max() > 0.1                                     # per layer, not shared
+    assert (p_qk - p_itc).abs().max() > 1e-4                                           # and another VTM score
+
+
+def test_visual_cls_is_frame_minus_one_at_minus_one_minus_one(encoder):
+    """The visual [CLS] sits at frame −1 and position (−1, −1), patches at their frame number and on a
+    ``linspace(0, 1, g)`` grid (roar-ai/pisces @f8606b0 ``fastvideo/partial_optimal_transport.py``
+    ``build_video_token_geometry``; frame numbers are not rescaled there, the temporal term is divided by the index
+    range instead, which our per-term min–max makes irrelevant). So the spatial distance from any text token that
+    attends to patches only is largest at the [CLS], and the temporal distance to it is one frame more than to
+    frame 0."""
+    f, (gh, gw) = 3, encoder.grid
+    t, s = encoder.token_positions(f)
+    axis = torch.linspace(0, 1, gh)
+    grid = torch.stack(torch.meshgrid(axis, axis, indexing="ij"), dim=-1).reshape(-1, 2)
+    torch.testing.assert_close(t, torch.cat([torch.tensor([-1.0]), torch.arange(f).float().repeat_interleave(gh * gw)]))
+    torch.testing.assert_close(s, torch.cat([torch.tensor([[-1.0, -1.0]]), grid.repeat(f, 1)]))
+    attn = _random_attention(1, 2, 4, len(t), seed=3).float()
+    attn[..., 0] = 0
+    attn = attn / attn.sum(-1, keepdim=True)
+    pi, tau = attn @ s, attn @ t                                                    # [1, 2, 4, 2], [1, 2, 4]
+    spatial = torch.cdist(pi, s.expand(1, 2, -1, -1))
+    assert torch.all(spatial.argmax(-1) == 0)
+    torch.testing.assert_close((tau[..., None] - t).abs()[..., 0], tau + 1)
+    # and the cost follows: spatial term only (η) -> the [CLS] column is the most expensive for every lexical row
+    x = torch.nn.functional.normalize(torch.ones(1, len(t), 4), dim=-1)
+    cost = token_transport_cost(attn, x[:, :4], x, t, s, torch.ones(1, 4, dtype=torch.bool), gamma=0.0, eta=1.0)
+    assert torch.all(cost[0].argmax(-1) == 0)
+
+
 # ----------------------------------------------------------------------------------------- semantic reward
 def test_semantic_shapes_range_and_ablation(encoder):
     v = videos()
@@ -118,6 +200,26 @@ def test_semantic_shapes_range_and_ablation(encoder):
     torch.testing.assert_close(vanilla, encoder.match_probability(text, video))
     balanced = OTSemanticReward(encoder, mass=1.0)(v, PROMPTS)
     assert (balanced - full).abs().max() > 1e-6            # partial vs balanced transport differ
+    assert OTSemanticReward(encoder).cost_embeddings == "layer_qk"
+    itc = OTSemanticReward(encoder, cost_embeddings="itc_proj")(v, PROMPTS)
+    assert (itc - full).abs().max() > 1e-4                 # the cost embeddings change the reward
+    assert torch.all((itc > 0) & (itc < 1))
+
+
+def test_semantic_layer_qk_needs_an_encoder_that_passes_query_and_key(encoder):
+    class NoQK:
+        def match_probability(self, text, video, attention_fuser=None):
+            return attention_fuser(0, torch.ones(1, 1, 1, 2) / 2)
+
+    with pytest.raises(ValueError, match="supports_layer_qk"):
+        OTSemanticReward(NoQK())
+    OTSemanticReward(NoQK(), cost_embeddings="itc_proj")
+    OTSemanticReward(NoQK(), use_ot=False)                 # vanilla attention needs no projections
+    with pytest.raises(ValueError, match="cost_embeddings must be one of"):
+        OTSemanticReward(encoder, cost_embeddings="qk")
+    text, video = encoder.encode_text(PROMPTS[:1]), encoder.encode_video(videos(1))
+    with pytest.raises(ValueError, match="needs the query/key projections of cross-attention layer 0"):
+        encoder.match_probability(text, video, lambda layer, a: OTAttentionFuser(text, video)(layer, a))
 
 
 def test_semantic_handles_prompt_without_lexical_tokens(encoder):
@@ -249,3 +351,17 @@ def test_semantic_rejects_bad_hyperparameters(encoder):
                             ({"gamma": -1}, "gamma must be >= 0")]:
         with pytest.raises(ValueError, match=message):
             OTSemanticReward(encoder, **kwargs)
+
+
+def test_cost_embeddings_config_reaches_the_semantic_reward(encoder):
+    from pisces_rl.config import ConfigError, GRPOConfig, load_config
+    from pisces_rl.rewards import build_reward_server
+
+    assert load_config(GRPOConfig, None, []).rewards.cost_embeddings == "layer_qk"
+    with pytest.raises(ConfigError, match="rewards.cost_embeddings"):
+        load_config(GRPOConfig, None, ["rewards.cost_embeddings=qk"])
+    cfg = load_config(GRPOConfig, None, ["rewards.cost_embeddings=itc_proj"]).rewards
+    server = build_reward_server({"weights": {"ot_semantic": 1.0, "ot_quality": 1.0}, "encoder": encoder,
+                                  "cost_embeddings": cfg.cost_embeddings})
+    semantic = [entry.fn for entry in server._entries if isinstance(entry.fn, OTSemanticReward)]
+    assert len(semantic) == 1 and semantic[0].cost_embeddings == "itc_proj"

@@ -131,6 +131,10 @@ class RewardsConfig(ConfigBase):
     ot_map: Optional[str] = option(None, "NeuralOTMap directory for ot_quality (null = raw text [CLS], no map); "
                                          "'shapes' / 'shapes:l2' = the ShapesWorld neural OT / L2 map")
     use_ot: bool = option(True, "false = raw [CLS] cosine and vanilla attention (the 'w/o OT' ablation)")
+    cost_embeddings: str = option("layer_qk", "token embeddings of the semantic OT cost: each cross-attention "
+                                              "layer's query/key projections (layer_qk, the PISCES code) or the ITC "
+                                              "projections text_proj/vision_proj (itc_proj)",
+                                  choices=("layer_qk", "itc_proj"))
     gamma: float = option(0.2, "weight of the temporal term of the token-level OT cost")
     eta: float = option(0.2, "weight of the spatial term of the token-level OT cost")
     epsilon: float = option(0.05, "entropic regularisation of the token-level OT")

@@ -19,8 +19,13 @@ from torch import Tensor
 
 __all__ = ["TextFeatures", "VideoFeatures", "VideoTextEncoder", "AttentionFuser", "check_videos"]
 
-AttentionFuser = Callable[[int, Tensor], Tensor]
-"""``fuser(layer_index, attn_probs[B, heads, N, M]) -> attn_probs[B, heads, N, M]`` (row-stochastic)."""
+AttentionFuser = Callable[..., Tensor]
+"""``fuser(layer_index, attn_probs[B, heads, N, M]) -> attn_probs[B, heads, N, M]`` (row-stochastic).
+
+A fuser with a true ``wants_layer_qk`` attribute is called ``fuser(layer_index, attn_probs, query=Q, key=K)`` by an
+encoder with ``supports_layer_qk = True``: ``Q`` ``[B, N, d]`` is the layer's query projection of the text states
+entering its cross-attention and ``K`` ``[B, M, d]`` its key projection of the visual tokens (bias included, all
+heads concatenated, ``d = heads · head_dim``)."""
 
 
 @dataclass
@@ -59,8 +64,9 @@ class VideoFeatures:
         pooled_embedding: ``[B, D]`` projected video embedding (ITC space), L2-normalised.
         tokens: ``[B, M, Dv]`` visual tokens = [visual CLS] + ``F*h*w`` patch tokens (the cross-attention memory).
         token_embeddings: ``[B, M, D]`` the visual tokens projected to ITC space, L2-normalised (``x_j``).
-        frame_index: ``[M]`` ``t_j`` in [0, 1] (``frame / (F-1)``, 0.5 when ``F == 1``); the visual CLS gets 0.5.
-        patch_position: ``[M, 2]`` ``s_j`` in [0, 1]^2, the patch centre as (row, column); visual CLS gets (0.5, 0.5).
+        frame_index: ``[M]`` ``t_j``, the frame number ``0 .. F-1`` of each patch token; the visual CLS gets -1.
+        patch_position: ``[M, 2]`` ``s_j`` = (row, column) on ``linspace(0, 1, h) × linspace(0, 1, w)``; the visual
+            CLS gets (-1, -1), outside the grid (the PISCES code's geometry).
         num_frames: ``F``, frames that reached the vision tower (after subsampling).
         grid: ``(h, w)`` patch grid per frame.
     """
@@ -115,7 +121,8 @@ class VideoTextEncoder(Protocol):
         """VTM positive probability ``[B]`` for the pairs (text[b], video[b]).
 
         ``attention_fuser(layer_index, attn_probs[B, heads, N, M])`` is applied in every cross-attention layer of
-        the fusion tower; the layer continues with what it returns.
+        the fusion tower; the layer continues with what it returns. Encoders that also pass the layer's query / key
+        projections to fusers asking for them (:data:`AttentionFuser`) set ``supports_layer_qk = True``.
         """
         ...
 

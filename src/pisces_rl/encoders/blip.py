@@ -23,12 +23,19 @@ together with the modules it targets; so concurrent threads and other encoders (
 other's fusers, nothing needs restoring on error, and autograd flows through the fuser's output. (The encoder is frozen in eval mode, where
 that dropout is the identity; do not enable gradient checkpointing on the text tower, whose recomputation would
 run outside the fuser's context.)
+
+Layer query/key projections: a fuser with ``wants_layer_qk = True`` (the ``layer_qk`` cost embeddings of the PISCES
+code) is called as ``fuser(layer_index, attn, query=Q, key=K)``. Two more permanent, equally inert forward hooks on
+each cross-attention module's ``query`` and ``key`` linears record their outputs (``Q = query(text states)``
+``[B, N, heads·head_dim]``, ``K = key(visual tokens)`` ``[B, M, heads·head_dim]``, detached) while such a fuser is
+active; the dropout hook hands them over.
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -51,6 +58,16 @@ PREPROCESSOR_CONFIG = "preprocessor_config.json"
 TEMPORAL_WEIGHTS = "pisces_temporal.safetensors"
 
 _ACTIVE_FUSER: contextvars.ContextVar = contextvars.ContextVar("pisces_blip_attention_fuser", default=None)
+
+
+@dataclass
+class _ActiveFusion:
+    """What the hooks see during one ``fusing`` context (module ids, so copies of the encoder are not targeted)."""
+
+    sites: dict                        # id(cross-attention dropout) -> text layer index
+    projections: dict                  # id(cross-attention query / key linear) -> (layer index, "query" | "key")
+    fuser: AttentionFuser
+    captured: dict = field(default_factory=dict)   # layer index -> {"query": [B, N, d], "key": [B, M, d]}
 
 
 def tiny_blip_config(vocab_size: int = 326, hidden_size: int = 32, num_layers: int = 2, num_heads: int = 4,
@@ -97,6 +114,8 @@ class BlipVideoTextEncoder(nn.Module):
     Construct with :meth:`from_pretrained` (a local checkpoint dir) or :meth:`tiny` (random, built in code).
     """
 
+    supports_layer_qk = True
+
     def __init__(self, model: BlipForImageTextRetrieval, tokenizer, num_frames: Optional[int] = None,
                  image_mean: Sequence[float] = DEFAULT_IMAGE_MEAN, image_std: Sequence[float] = DEFAULT_IMAGE_STD,
                  max_text_length: int = 64, frozen: bool = True, temporal: Optional[TemporalAdapter] = None):
@@ -124,6 +143,9 @@ class BlipVideoTextEncoder(nn.Module):
         for dropout in self._fusion_sites():
             if _fusion_hook not in dropout._forward_hooks.values():
                 dropout.register_forward_hook(_fusion_hook)
+        for linear in self._projection_sites():
+            if _capture_hook not in linear._forward_hooks.values():
+                linear.register_forward_hook(_capture_hook)
         self.cross_attention_layers = sorted(self._fusion_sites().values())
         if not self.cross_attention_layers:
             raise ValueError("the BLIP text tower has no cross-attention layers; load it from a "
@@ -288,14 +310,19 @@ class BlipVideoTextEncoder(nn.Module):
                              frame_index=frame_index, patch_position=patch_position, num_frames=f, grid=self.grid)
 
     def token_positions(self, num_frames: int, device=None, dtype=torch.float32) -> tuple[Tensor, Tensor]:
-        """``(t[M], s[M, 2])`` for ``M = 1 + F*h*w`` tokens: frame index in [0, 1], patch centre (row, col)."""
+        """``(t[M], s[M, 2])`` for ``M = 1 + F*h*w`` tokens, the geometry of the PISCES code.
+
+        Patch tokens get their frame number ``t = 0 .. F-1`` (not rescaled) and their grid position
+        ``s = (row, col)`` on ``linspace(0, 1, h) × linspace(0, 1, w)`` ('ij' order); the visual [CLS] gets
+        ``t = -1`` and ``s = (-1, -1)``: outside the grid, farther in space than any patch from a text token that
+        attends to patches, one frame before frame 0 in time (roar-ai/pisces ``fastvideo/partial_optimal_transport.py`` @f8606b0, ``build_video_token_geometry``).
+        """
         gh, gw = self.grid
-        t = torch.linspace(0, 1, num_frames) if num_frames > 1 else torch.full((1,), 0.5)
-        rows = (torch.arange(gh) + 0.5) / gh
-        cols = (torch.arange(gw) + 0.5) / gw
+        t = torch.arange(num_frames, dtype=torch.float32)
+        rows, cols = torch.linspace(0, 1, gh), torch.linspace(0, 1, gw)
         grid = torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1).reshape(gh * gw, 2)
-        frame_index = torch.cat([torch.full((1,), 0.5), t.repeat_interleave(gh * gw)])
-        patch_position = torch.cat([torch.full((1, 2), 0.5), grid.repeat(num_frames, 1)])
+        frame_index = torch.cat([torch.full((1,), -1.0), t.repeat_interleave(gh * gw)])
+        patch_position = torch.cat([torch.full((1, 2), -1.0), grid.repeat(num_frames, 1)])
         return frame_index.to(device=device, dtype=dtype), patch_position.to(device=device, dtype=dtype)
 
     # ------------------------------------------------------------------ fusion / matching
@@ -329,7 +356,9 @@ class BlipVideoTextEncoder(nn.Module):
             raise TypeError(f"attention_fuser must be callable (layer_index, attn_probs) -> attn_probs, "
                             f"got {type(attention_fuser).__name__}")
         sites = {id(module): index for module, index in self._fusion_sites().items()}
-        token = _ACTIVE_FUSER.set((sites, attention_fuser))
+        wants_qk = bool(getattr(attention_fuser, "wants_layer_qk", False))
+        projections = {id(module): site for module, site in self._projection_sites().items()} if wants_qk else {}
+        token = _ACTIVE_FUSER.set(_ActiveFusion(sites, projections, attention_fuser))
         try:
             yield
         finally:
@@ -344,14 +373,42 @@ class BlipVideoTextEncoder(nn.Module):
                 sites[cross.self.dropout] = index
         return sites
 
+    def _projection_sites(self) -> dict:
+        """``{cross-attention query / key linear: (text layer index, "query" | "key")}``."""
+        sites = {}
+        for index, layer in enumerate(self.model.text_encoder.encoder.layer):
+            cross = getattr(layer, "crossattention", None)
+            if cross is not None:
+                sites[cross.self.query] = (index, "query")
+                sites[cross.self.key] = (index, "key")
+        return sites
+
+
+def _capture_hook(module, inputs, output):
+    """Forward hook on a cross-attention query / key linear: record its output for a ``wants_layer_qk`` fuser."""
+    active = _ACTIVE_FUSER.get()
+    if active is None or id(module) not in active.projections:
+        return None
+    layer_index, name = active.projections[id(module)]
+    active.captured.setdefault(layer_index, {})[name] = output.detach()
+    return None
+
 
 def _fusion_hook(module, inputs, attn_probs):
     """Forward hook on a cross-attention dropout: apply the fuser active in this context, if it targets ``module``."""
     active = _ACTIVE_FUSER.get()
-    if active is None or id(module) not in active[0]:
+    if active is None or id(module) not in active.sites:
         return None
-    layer_index = active[0][id(module)]
-    fused = active[1](layer_index, attn_probs)
+    layer_index = active.sites[id(module)]
+    if active.projections:
+        got = active.captured.pop(layer_index, {})
+        if "query" not in got or "key" not in got:
+            raise RuntimeError(f"cross-attention layer {layer_index}: the query/key projections were not recorded "
+                               f"before its attention (got {sorted(got)}); a cached or patched attention module "
+                               "skips them, use cost_embeddings='itc_proj' there")
+        fused = active.fuser(layer_index, attn_probs, query=got["query"], key=got["key"])
+    else:
+        fused = active.fuser(layer_index, attn_probs)
     if not isinstance(fused, Tensor) or fused.shape != attn_probs.shape:
         got = tuple(fused.shape) if isinstance(fused, Tensor) else type(fused).__name__
         raise ValueError(f"attention_fuser must return attention probabilities of shape "

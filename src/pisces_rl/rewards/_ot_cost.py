@@ -6,6 +6,18 @@ Three pieces, each testable on its own:
 * :func:`fuse_attention` mixes a (detached) transport plan into the attention probabilities;
 * :class:`OTAttentionFuser` is the ``attention_fuser(layer_index, attn)`` callable an encoder applies in every
   cross-attention layer: cost → ``unbalanced_sinkhorn`` (batched over ``[B, heads]``) → fusion.
+
+Cost embeddings (``y_i``, ``x_j`` of the semantic term), two choices:
+
+* ``"layer_qk"`` (default; the PISCES code): in each cross-attention layer, ``y_i`` = that layer's *query*
+  projection of the text states entering it and ``x_j`` = its *key* projection of the visual tokens, both with bias,
+  all heads concatenated (width ``heads · head_dim``), L2-normalised; one semantic cost per layer, shared by the
+  heads (roar-ai/pisces ``fastvideo/partial_optimal_transport.py`` @f8606b0, ``build_partial_ot_prior``: ``x =
+  key_layer[0].transpose(0, 1).reshape(M, -1)``, ``y = query_embeddings[0, valid_tokens]`` with
+  ``query_embeddings = mixed_query_layer``, passed from ``xbert.py``'s ``BertSelfAttention.forward``;
+  ``compute_spatiotemporal_cost``: ``1 − normalize(y) @ normalize(x)ᵀ`` clamped to [0, 2]);
+* ``"itc_proj"``: ``y_i = normalize(text_proj(unimodal text states))``, ``x_j = normalize(vision_proj(visual
+  tokens))`` (the encoder's ITC space), the same in every layer.
 """
 from __future__ import annotations
 
@@ -16,9 +28,10 @@ from torch import Tensor
 
 from pisces_rl.ot.sinkhorn import unbalanced_sinkhorn
 
-__all__ = ["token_transport_cost", "fuse_attention", "OTAttentionFuser", "FUSION_FLOOR"]
+__all__ = ["token_transport_cost", "fuse_attention", "OTAttentionFuser", "FUSION_FLOOR", "COST_EMBEDDINGS"]
 
 FUSION_FLOOR = 1e-6
+COST_EMBEDDINGS = ("layer_qk", "itc_proj")
 
 
 def _range_normalise(x: Tensor, rows: Tensor) -> Tensor:
@@ -49,8 +62,8 @@ def token_transport_cost(attn: Tensor, text_tokens: Tensor, video_tokens: Tensor
         attn: ``[B, H, N, M]`` cross-attention probabilities.
         text_tokens: ``[B, N, D]`` L2-normalised text token embeddings ``y_i``.
         video_tokens: ``[B, M, D]`` L2-normalised visual token embeddings ``x_j``.
-        frame_index: ``[M]`` (or ``[B, M]``) ``t_j`` in [0, 1].
-        patch_position: ``[M, 2]`` (or ``[B, M, 2]``) ``s_j`` in [0, 1]^2.
+        frame_index: ``[M]`` (or ``[B, M]``) ``t_j`` (any affine scale: each term is range-normalised).
+        patch_position: ``[M, 2]`` (or ``[B, M, 2]``) ``s_j`` (any common scale of both axes).
         lexical_mask: ``[B, N]`` bool, rows that take part (no [CLS]/[SEP]/pad).
 
     Returns:
@@ -106,13 +119,20 @@ class OTAttentionFuser:
     ``P = unbalanced_sinkhorn(C, ε, m)`` with uniform marginals over the lexical rows and over all visual tokens
     (batched over ``[B, heads]``) → :func:`fuse_attention`. Plans are kept in ``self.plans[layer_index]``;
     passing ``plans=`` reuses given plans instead of solving (e.g. to differentiate with the plan held fixed).
+
+    ``cost_embeddings`` picks ``y_i`` / ``x_j`` of the semantic term (module docstring). With ``"layer_qk"``
+    (``wants_layer_qk`` is True) the encoder calls ``fuser(layer_index, attn, query=Q[B, N, d], key=K[B, M, d])``
+    with the layer's own query / key projections; with ``"itc_proj"`` it uses the features' ``token_embeddings``.
     """
 
     def __init__(self, text, video, gamma: float = 0.2, eta: float = 0.2, epsilon: float = 0.05,
                  mass: float = 0.9, max_iter: int = 200, tol: float = 1e-3,
-                 plans: Optional[dict[int, Tensor]] = None):
+                 plans: Optional[dict[int, Tensor]] = None, cost_embeddings: str = "layer_qk"):
+        if cost_embeddings not in COST_EMBEDDINGS:
+            raise ValueError(f"cost_embeddings must be one of {COST_EMBEDDINGS}, got {cost_embeddings!r}")
         self.gamma, self.eta, self.epsilon, self.mass = gamma, eta, epsilon, mass
         self.max_iter, self.tol = max_iter, tol
+        self.cost_embeddings = cost_embeddings
         self.lexical_mask = text.lexical_mask.bool()                         # [B, N]
         self.text_tokens = text.token_embeddings.detach()                    # [B, N, D]
         self.video_tokens = video.token_embeddings.detach()                  # [B, M, D]
@@ -122,17 +142,40 @@ class OTAttentionFuser:
         self.plans: dict[int, Tensor] = dict(plans) if plans is not None else {}
         self.calls: list[int] = []
 
-    def cost(self, attn: Tensor) -> Tensor:
-        """The cost ``[B, H, N, M]`` for one layer's attention (computed without autograd, in >= fp32)."""
+    @property
+    def wants_layer_qk(self) -> bool:
+        """True when the encoder must pass each layer's ``query=`` / ``key=`` projections (``layer_qk``)."""
+        return self.cost_embeddings == "layer_qk" and not self.fixed
+
+    def _embeddings(self, layer_index: int, query: Optional[Tensor], key: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        """``(y[B, N, d], x[B, M, d])``, L2-normalised, for the semantic term of one layer."""
+        if self.cost_embeddings == "itc_proj":
+            return self.text_tokens, self.video_tokens
+        if query is None or key is None:
+            raise ValueError(f"cost_embeddings='layer_qk' needs the query/key projections of cross-attention layer "
+                             f"{layer_index}, but the encoder passed none; use an encoder whose match_probability "
+                             "supports it (supports_layer_qk = True, e.g. BlipVideoTextEncoder) or "
+                             "cost_embeddings='itc_proj'")
+        work = torch.float64 if query.dtype == torch.float64 else torch.float32
+        return (torch.nn.functional.normalize(query.detach().to(work), dim=-1),
+                torch.nn.functional.normalize(key.detach().to(work), dim=-1))
+
+    def cost(self, attn: Tensor, query: Optional[Tensor] = None, key: Optional[Tensor] = None,
+             layer_index: int = -1) -> Tensor:
+        """The cost ``[B, H, N, M]`` for one layer's attention (computed without autograd, in >= fp32).
+
+        ``query`` ``[B, N, d]`` / ``key`` ``[B, M, d]``: the layer's query / key projections (``layer_qk`` only).
+        """
         work = attn.detach().to(torch.float64 if attn.dtype == torch.float64 else torch.float32)
         with torch.no_grad():
-            return token_transport_cost(work, self.text_tokens, self.video_tokens, self.frame_index,
-                                        self.patch_position, self.lexical_mask.to(attn.device),
-                                        gamma=self.gamma, eta=self.eta)
+            y, x = self._embeddings(layer_index, query, key)
+            return token_transport_cost(work, y, x, self.frame_index, self.patch_position,
+                                        self.lexical_mask.to(attn.device), gamma=self.gamma, eta=self.eta)
 
-    def solve(self, attn: Tensor) -> Tensor:
+    def solve(self, attn: Tensor, query: Optional[Tensor] = None, key: Optional[Tensor] = None,
+              layer_index: int = -1) -> Tensor:
         """Unbalanced OT plan ``[B, H, N, M]`` for one layer (no autograd)."""
-        cost = self.cost(attn)
+        cost = self.cost(attn, query, key, layer_index)
         b, h, n, m = cost.shape
         lexical = self.lexical_mask.to(cost.device)
         # Items with no lexical token get uniform rows so the solver stays finite; their plan is never used.
@@ -142,7 +185,8 @@ class OTAttentionFuser:
             return unbalanced_sinkhorn(cost, epsilon=self.epsilon, mass=self.mass, max_iter=self.max_iter,
                                        tol=self.tol, a=a)
 
-    def __call__(self, layer_index: int, attn: Tensor) -> Tensor:
+    def __call__(self, layer_index: int, attn: Tensor, query: Optional[Tensor] = None,
+                 key: Optional[Tensor] = None) -> Tensor:
         self.calls.append(layer_index)
         if self.fixed:
             if layer_index not in self.plans:
@@ -150,6 +194,6 @@ class OTAttentionFuser:
                                f"plans were given for layers {sorted(self.plans)}")
             plan = self.plans[layer_index]
         else:
-            plan = self.solve(attn)
+            plan = self.solve(attn, query, key, layer_index)
             self.plans[layer_index] = plan
         return fuse_attention(attn, plan, self.lexical_mask.to(attn.device))

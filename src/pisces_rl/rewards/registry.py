@@ -147,6 +147,7 @@ _CONFIG_DEFAULTS: dict[str, Any] = {
     "eta": 0.2,
     "epsilon": 0.05,
     "mass": 0.9,
+    "cost_embeddings": "layer_qk",
     "num_frames": None,
     "temporal_windows": 1,
     "max_batch_size": 8,
@@ -234,7 +235,8 @@ def build_reward_server(cfg: Any = None, device: Union[str, torch.device, None] 
     if "ot_quality" in uses_builtin and c.use_ot and c.ot_map is not None:
         ot_map = c.ot_map if not isinstance(c.ot_map, str) else _load_ot_map(c.ot_map, device)
     builtin_options = {"encoder": encoder, "ot_map": ot_map, "use_ot": c.use_ot, "gamma": c.gamma,
-                       "eta": c.eta, "epsilon": c.epsilon, "mass": c.mass, "device": device}
+                       "eta": c.eta, "epsilon": c.epsilon, "mass": c.mass, "cost_embeddings": c.cost_embeddings,
+                       "device": device}
     rewards = {}
     for spec, weight in c.weights.items():
         is_builtin = str(spec).strip() in BUILTIN_REWARDS
