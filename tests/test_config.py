@@ -75,8 +75,8 @@ def test_string_fields_take_override_text_verbatim():
 
 
 def test_section_mapping_override_merges_and_empty_section_keeps_defaults(tmp_path):
-    cfg = load_config(GRPOConfig, write(tmp_path, "train:\nlogging:\n"), ["train={max_steps: 3, group_size: 2}"])
-    assert (cfg.train.max_steps, cfg.train.group_size, cfg.train.sample_batch_size) == (3, 2, 4)
+    cfg = load_config(GRPOConfig, write(tmp_path, "train:\nlogging:\n"), ["train={max_steps: 3, num_generations: 2}"])
+    assert (cfg.train.max_steps, cfg.train.num_generations, cfg.train.sample_batch_size) == (3, 2, 4)
 
 
 def test_rewards_shorthand_full_form_and_mixed(tmp_path):
@@ -137,8 +137,8 @@ def test_yaml_errors(tmp_path):
 
 
 @pytest.mark.parametrize("override, pattern", [
-    ("train.clip_range=0", r"train.clip_range: must be > 0, got 0.0"),
-    ("train.group_size=1", r"train.group_size: must be >= 2"),
+    ("train.epsilon=0", r"train.epsilon: must be > 0, got 0.0"),
+    ("train.num_generations=1", r"train.num_generations: must be >= 2"),
     ("train.advantage_mode=sums", r"train.advantage_mode: 'sums' is not one of sum, per_reward. Did you mean 'sum'"),
     ("rewards.on_error=ignore", r"rewards.on_error: 'ignore' is not one of raise, skip"),
     ("train.lr_scheduler=cosin", r"Did you mean 'cosine'"),
@@ -167,9 +167,9 @@ def test_model_sources(tmp_path):
 
 
 def test_batch_arithmetic_numbers_and_errors():
-    cfg = load_config(GRPOConfig, overrides=["train={prompts_per_step: 4, group_size: 4, sample_batch_size: 4, "
+    cfg = load_config(GRPOConfig, overrides=["train={prompts_per_step: 4, num_generations: 4, sample_batch_size: 4, "
                                              "train_batch_size: 2, gradient_accumulation_steps: 2, "
-                                             "num_inner_epochs: 2, max_steps: 3}"])
+                                             "num_iterations: 2, max_steps: 3}"])
     b = batch_arithmetic(cfg, 2)
     assert b["videos_per_iteration"] == 16 and b["videos_per_process"] == 8 and b["prompts_per_process"] == 2
     assert b["rollout_forwards_per_process"] == 2 and b["micro_batches_per_epoch"] == 4
@@ -202,15 +202,15 @@ def test_save_yaml_round_trip(tmp_path):
 
 def test_parse_cli(tmp_path, capsys):
     path = write(tmp_path, "# cmd\ntrain:\n  max_steps: 7\n")
-    cfg = parse_cli(GRPOConfig, ["--config", path, "output_dir=runs/y", "--train.group_size=2"])
-    assert (cfg.train.max_steps, cfg.output_dir, cfg.train.group_size) == (7, "runs/y", 2)
+    cfg = parse_cli(GRPOConfig, ["--config", path, "output_dir=runs/y", "--train.num_generations=2"])
+    assert (cfg.train.max_steps, cfg.output_dir, cfg.train.num_generations) == (7, "runs/y", 2)
     with pytest.raises(SystemExit) as exit_info:
         parse_cli(GRPOConfig, ["--help"], prog="recipe.py")
     out = capsys.readouterr().out
-    assert exit_info.value.code == 0 and "usage: recipe.py" in out and "PPO ratio clip range" in out
+    assert exit_info.value.code == 0 and "usage: recipe.py" in out and "PPO clip: the ratio is clipped" in out
     with pytest.raises(SystemExit) as exit_info:
-        parse_cli(GRPOConfig, ["train.clip_range=-1"], prog="recipe.py")
-    assert exit_info.value.code == 2 and "train.clip_range: must be > 0" in capsys.readouterr().err
+        parse_cli(GRPOConfig, ["train.epsilon=-1"], prog="recipe.py")
+    assert exit_info.value.code == 2 and "train.epsilon: must be > 0" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parse_cli(GRPOConfig, ["config.yaml"])
     assert "unexpected argument 'config.yaml'" in capsys.readouterr().err

@@ -20,11 +20,11 @@ def tiny_config(tmp_path, *overrides):
         f"output_dir={tmp_path}",
         "train.max_steps=2",
         "train.prompts_per_step=1",
-        "train.group_size=2",
+        "train.num_generations=2",
         "train.sample_batch_size=2",
         "train.train_batch_size=2",
         "train.learning_rate=5e-3",
-        "train.clip_range=0.2",
+        "train.epsilon=0.2",
         "sampling.num_inference_steps=3",
         "sampling.num_frames=5",
         "sampling.height=16",
@@ -88,7 +88,7 @@ def test_custom_reward_by_import_path_in_config(tmp_path, monkeypatch):
 
 def test_with_ot_rewards_on_tiny_encoder(tmp_path):
     cfg = tiny_config(tmp_path, "train.max_steps=1", "rewards.weights={ot_quality: 1.0, ot_semantic: 1.0}",
-                      "train.advantage_mode=per_reward", "train.kl_beta=0.01")
+                      "train.advantage_mode=per_reward", "train.beta=0.01")
     metrics = GRPOTrainer(cfg).train()
     for name in ("ot_quality", "ot_semantic"):
         assert 0.0 <= metrics[f"reward/{name}/mean"] <= 1.0 or name == "ot_quality"
@@ -99,7 +99,7 @@ def test_bad_group_arithmetic_is_one_clear_error(tmp_path):
     from pisces_rl.config import ConfigError
 
     with pytest.raises(ConfigError, match="sample_batch_size"):
-        GRPOTrainer(tiny_config(tmp_path, "train.group_size=3"), rewards={"b": mean_brightness})
+        GRPOTrainer(tiny_config(tmp_path, "train.num_generations=3"), rewards={"b": mean_brightness})
 
 
 def test_before_after_evaluation_with_a_judge(tmp_path):
@@ -123,7 +123,7 @@ def test_before_after_evaluation_with_a_judge(tmp_path):
 
 @pytest.mark.parametrize("shared", [False, True])
 def test_shared_group_noise_starts_a_group_from_one_latent(tmp_path, shared):
-    cfg = tiny_config(tmp_path, "train.prompts_per_step=2", "train.group_size=3", "train.sample_batch_size=2",
+    cfg = tiny_config(tmp_path, "train.prompts_per_step=2", "train.num_generations=3", "train.sample_batch_size=2",
                       f"train.shared_group_noise={str(shared).lower()}")
     trainer = GRPOTrainer(cfg, rewards={"brightness": mean_brightness})
     rollout, group_ids = trainer.sample(0)
@@ -140,7 +140,7 @@ def test_shared_group_noise_starts_a_group_from_one_latent(tmp_path, shared):
 def test_sde_window_with_shared_noise_trains_on_the_window_steps_only(tmp_path):
     """Flow-GRPO-Fast style: a group shares its start, steps outside sampling.sde_window are ODE steps, so a group's
     videos agree until the window and every trained step lies inside it; the update still moves the LoRA."""
-    cfg = tiny_config(tmp_path, "train.shared_group_noise=true", "train.group_size=3", "train.sample_batch_size=3",
+    cfg = tiny_config(tmp_path, "train.shared_group_noise=true", "train.num_generations=3", "train.sample_batch_size=3",
                       "train.train_batch_size=3", "sampling.num_inference_steps=4", "sampling.sde_window=[1,2]")
     trainer = GRPOTrainer(cfg, rewards={"brightness": mean_brightness})
     rollout, _ = trainer.sample(0)
