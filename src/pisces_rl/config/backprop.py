@@ -45,7 +45,7 @@ class BackpropTrainConfig(ConfigBase):
     caption_column: str = option("caption", "column of train.video_dataset holding the prompt of each video")
     dataset_size: int = option(64, "videos rendered when video_dataset=shapes")
     cd_weight: float = option(1.0, "w_cd, weight of the consistency-distillation loss L_CD (0 = reward only)")
-    huber_c: float = option(0.001, "c of the pseudo-Huber distance sqrt(mean((x - y)^2) + c^2) - c")
+    huber_c: float = option(0.001, "c of the pseudo-Huber distance mean(sqrt((x - y)^2 + c^2) - c)")
     cd_target: str = option("stopgrad", "network of the target's jump from sigma' to sigma_min: stopgrad = the "
                                         "current LoRA without gradient; ema = an exponential moving average of "
                                         "the LoRA weights", choices=("stopgrad", "ema"))

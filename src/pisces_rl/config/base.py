@@ -15,7 +15,8 @@ Values coming from YAML are coerced against the annotation with a few deliberate
 * lists and tuples take YAML sequences; a fixed-length tuple checks the length.
 
 Renamed fields keep their old names as deprecated aliases (``ConfigBase._renamed``): YAML keys, ``key=value``
-overrides and attribute access with the old name still work, with one ``FutureWarning`` line naming the new key.
+overrides, constructor keywords and attribute access with the old name still work, with one ``FutureWarning``
+line naming the new key.
 """
 from __future__ import annotations
 
@@ -86,15 +87,29 @@ def suggest(word: Any, candidates: Iterable[str]) -> str:
     return f" Did you mean '{match}'?" if match else ""
 
 
-class ConfigBase:
+class _ConfigMeta(type):
+    """Lets a config class take the deprecated names of its renamed fields as constructor keywords."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        for old, new in getattr(cls, "_renamed", {}).items():
+            if old in kwargs:
+                if new in kwargs:
+                    raise TypeError(f"{cls.__name__}() got both '{old}' and its new name '{new}'; keep only '{new}'")
+                _warn_renamed(f"{cls.__name__}({old}=...)", f"{cls.__name__}({new}=...)")
+                kwargs[new] = kwargs.pop(old)
+        return super().__call__(*args, **kwargs)
+
+
+class ConfigBase(metaclass=_ConfigMeta):
     """Base class of config dataclasses: generic validation and ``to_dict``.
 
     Subclasses override :meth:`_check` for their own ranges and cross-field rules, raising
-    :class:`ConfigError` with keys relative to themselves (``require(x > 0, "clip_range", ...)``).
+    :class:`ConfigError` with keys relative to themselves (``require(x > 0, "epsilon", ...)``).
     A section may set the class attribute ``_shorthand_field`` to the name of a mapping field: a YAML
     mapping for the section whose keys are *not* field names is then read as that field's value.
     A section may set ``_renamed = {"old_name": "new_name"}`` (a plain class attribute, not a field): the old
-    name keeps working in YAML, overrides and attribute access, with a ``FutureWarning`` naming the new key.
+    name keeps working in YAML, overrides, constructor keywords and attribute access, with a ``FutureWarning``
+    naming the new key.
     """
 
     _shorthand_field: Optional[str] = None
