@@ -44,7 +44,7 @@ def make_setup(args: argparse.Namespace):
         "output_dir": tempfile.mkdtemp(prefix="bench_grpo_"), "logging.report_to": "none",
         "sampling.num_frames": args.frames, "sampling.height": args.size, "sampling.width": args.size,
         "sampling.num_inference_steps": args.steps, "sampling.guidance_scale": args.guidance,
-        "train.prompts_per_step": 1, "train.group_size": args.batch, "train.sample_batch_size": args.batch,
+        "train.prompts_per_step": 1, "train.num_generations": args.batch, "train.sample_batch_size": args.batch,
         "train.train_batch_size": args.batch, "rewards.weights": {"ot_quality": 1.0, "ot_semantic": 1.0}})
     trainer = GRPOTrainer(cfg, prompts=PROMPTS)
     plain = build_tiny_wan_pipeline(seed=0).to(args.device)  # no LoRA: the untouched diffusers pipeline

@@ -56,7 +56,7 @@ def overrides(args: argparse.Namespace, trainer: str, options: bool, frames: int
     common = [f"output_dir={out}", "logging.report_to=none", "data.num_eval_prompts=1",
               f"sampling.num_frames={frames}", f"sampling.height={args.size}", f"sampling.width={args.size}",
               f"sampling.num_inference_steps={args.steps}", "train.prompts_per_step=1",
-              f"train.group_size={args.batch}", f"train.sample_batch_size={args.batch}",
+              f"train.num_generations={args.batch}", f"train.sample_batch_size={args.batch}",
               "rewards.weights={ot_quality: 1.0, ot_semantic: 1.0}"]
     if trainer == "backprop":
         common += [f"train.teacher_steps={args.steps}",  # the measured setting: generated x0, CFG in the loss

@@ -124,7 +124,7 @@ def summarise(cols: dict[str, np.ndarray]) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="recipes/configs/grpo_shapes_cpu.yaml", help="run config (default: %(default)s)")
-    p.add_argument("--iterations", type=int, default=8, help="batches of prompts_per_step x group_size videos")
+    p.add_argument("--iterations", type=int, default=8, help="batches of prompts_per_step x num_generations videos")
     p.add_argument("--output", default=None, help="also write the result as JSON here")
     p.add_argument("overrides", nargs="*", help="dotted key=value config overrides")
     args = p.parse_args()

@@ -30,7 +30,7 @@ brightness.differentiable = True
 
 
 def tiny_config(tmp_path, *overrides):
-    base = [f"output_dir={tmp_path}", "train.max_steps=2", "train.prompts_per_step=1", "train.group_size=2",
+    base = [f"output_dir={tmp_path}", "train.max_steps=2", "train.prompts_per_step=1", "train.num_generations=2",
             "train.sample_batch_size=2", "train.train_batch_size=1", "train.teacher_steps=4",
             "train.learning_rate=5e-3", "train.dataset_size=8", "sampling.num_inference_steps=3",
             "sampling.height=16", "sampling.width=16", "logging.report_to=none", "data.num_eval_prompts=1"]
@@ -372,7 +372,7 @@ def test_paper_preset_is_the_default_and_the_shipped_configs_use_it():
 @pytest.mark.distributed
 def test_recipe_two_processes_deepspeed_zero2(tmp_path):
     args = ["--config", "recipes/configs/backprop_tiny_cpu.yaml", "train.max_steps=1", "train.prompts_per_step=2",
-            "train.group_size=2", "train.sample_batch_size=2", "train.train_batch_size=2", "train.teacher_steps=4",
+            "train.num_generations=2", "train.sample_batch_size=2", "train.train_batch_size=2", "train.teacher_steps=4",
             "sampling.num_inference_steps=3", "sampling.height=16", "sampling.width=16", "logging.report_to=none",
             "data.num_eval_prompts=1", f"output_dir={tmp_path}"]
     proc = accelerate_launch("zero2", ROOT / "recipes" / "backprop_short_video.py", args, num_processes=2, timeout=400)

@@ -75,8 +75,8 @@ def test_string_fields_take_override_text_verbatim():
 
 
 def test_section_mapping_override_merges_and_empty_section_keeps_defaults(tmp_path):
-    cfg = load_config(GRPOConfig, write(tmp_path, "train:\nlogging:\n"), ["train={max_steps: 3, group_size: 2}"])
-    assert (cfg.train.max_steps, cfg.train.group_size, cfg.train.sample_batch_size) == (3, 2, 4)
+    cfg = load_config(GRPOConfig, write(tmp_path, "train:\nlogging:\n"), ["train={max_steps: 3, num_generations: 2}"])
+    assert (cfg.train.max_steps, cfg.train.num_generations, cfg.train.sample_batch_size) == (3, 2, 4)
 
 
 def test_rewards_shorthand_full_form_and_mixed(tmp_path):
@@ -137,8 +137,8 @@ def test_yaml_errors(tmp_path):
 
 
 @pytest.mark.parametrize("override, pattern", [
-    ("train.clip_range=0", r"train.clip_range: must be > 0, got 0.0"),
-    ("train.group_size=1", r"train.group_size: must be >= 2"),
+    ("train.epsilon=0", r"train.epsilon: must be > 0, got 0.0"),
+    ("train.num_generations=1", r"train.num_generations: must be >= 2"),
     ("train.advantage_mode=sums", r"train.advantage_mode: 'sums' is not one of sum, per_reward. Did you mean 'sum'"),
     ("rewards.on_error=ignore", r"rewards.on_error: 'ignore' is not one of raise, skip"),
     ("train.lr_scheduler=cosin", r"Did you mean 'cosine'"),
@@ -167,9 +167,9 @@ def test_model_sources(tmp_path):
 
 
 def test_batch_arithmetic_numbers_and_errors():
-    cfg = load_config(GRPOConfig, overrides=["train={prompts_per_step: 4, group_size: 4, sample_batch_size: 4, "
+    cfg = load_config(GRPOConfig, overrides=["train={prompts_per_step: 4, num_generations: 4, sample_batch_size: 4, "
                                              "train_batch_size: 2, gradient_accumulation_steps: 2, "
-                                             "num_inner_epochs: 2, max_steps: 3}"])
+                                             "num_iterations: 2, max_steps: 3}"])
     b = batch_arithmetic(cfg, 2)
     assert b["videos_per_iteration"] == 16 and b["videos_per_process"] == 8 and b["prompts_per_process"] == 2
     assert b["rollout_forwards_per_process"] == 2 and b["micro_batches_per_epoch"] == 4
@@ -202,15 +202,15 @@ def test_save_yaml_round_trip(tmp_path):
 
 def test_parse_cli(tmp_path, capsys):
     path = write(tmp_path, "# cmd\ntrain:\n  max_steps: 7\n")
-    cfg = parse_cli(GRPOConfig, ["--config", path, "output_dir=runs/y", "--train.group_size=2"])
-    assert (cfg.train.max_steps, cfg.output_dir, cfg.train.group_size) == (7, "runs/y", 2)
+    cfg = parse_cli(GRPOConfig, ["--config", path, "output_dir=runs/y", "--train.num_generations=2"])
+    assert (cfg.train.max_steps, cfg.output_dir, cfg.train.num_generations) == (7, "runs/y", 2)
     with pytest.raises(SystemExit) as exit_info:
         parse_cli(GRPOConfig, ["--help"], prog="recipe.py")
     out = capsys.readouterr().out
-    assert exit_info.value.code == 0 and "usage: recipe.py" in out and "PPO ratio clip range" in out
+    assert exit_info.value.code == 0 and "usage: recipe.py" in out and "PPO clip: the ratio is clipped" in out
     with pytest.raises(SystemExit) as exit_info:
-        parse_cli(GRPOConfig, ["train.clip_range=-1"], prog="recipe.py")
-    assert exit_info.value.code == 2 and "train.clip_range: must be > 0" in capsys.readouterr().err
+        parse_cli(GRPOConfig, ["train.epsilon=-1"], prog="recipe.py")
+    assert exit_info.value.code == 2 and "train.epsilon: must be > 0" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parse_cli(GRPOConfig, ["config.yaml"])
     assert "unexpected argument 'config.yaml'" in capsys.readouterr().err
@@ -272,3 +272,96 @@ def test_shipped_configs_load(path):
         assert batch_arithmetic(load_config(GRPOConfig, path), 1)["videos_per_iteration"] >= 2
     else:
         assert backprop_batch_arithmetic(load_config(BackpropConfig, path), 1)["videos_per_step"] >= 1
+
+
+# ----------------------------------------------------------------------------- trl names, old names
+TRL_NAMES = {"num_generations": "group_size", "num_iterations": "num_inner_epochs", "epsilon": "clip_range",
+             "beta": "kl_beta"}
+
+
+def _dataclass_fields_in_source(package: str, relative: str, class_name: str) -> dict:
+    """``{field: default source}`` of a dataclass, read from the installed package's source with ``ast``
+    (importing trl takes tens of seconds on a busy CPU)."""
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None:
+        pytest.skip(f"{package} is not installed")
+    path = os.path.join(spec.submodule_search_locations[0], relative)
+    tree = ast.parse(open(path, encoding="utf-8").read())
+    cls = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == class_name)
+    fields = {}
+    for node in cls.body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            default = next((kw.value for kw in getattr(node.value, "keywords", []) if kw.arg == "default"), None)
+            try:
+                fields[node.target.id] = ast.literal_eval(default) if default is not None else None
+            except ValueError:                                   # a non-literal default (a name, a call)
+                fields[node.target.id] = None
+    return fields
+
+
+def test_renamed_keys_are_trl_grpo_config_fields():
+    """The GRPO knobs shared with trl carry ``trl.GRPOConfig``'s names (trl 1.16 ``trainer/grpo_config.py``;
+    the optimiser ones from transformers' ``TrainingArguments``, its base class), and ``scale_rewards``
+    takes trl's default."""
+    grpo = _dataclass_fields_in_source("trl", "trainer/grpo_config.py", "GRPOConfig")
+    base = _dataclass_fields_in_source("transformers", "training_args.py", "TrainingArguments")
+    ours = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    assert set(TRL_NAMES) | {"scale_rewards", "learning_rate"} <= set(grpo) & set(ours)
+    assert {"max_grad_norm", "seed", "weight_decay", "warmup_steps", "gradient_accumulation_steps"} <= \
+        set(base) & set(ours)
+    assert TrainConfig._renamed == {old: new for new, old in TRL_NAMES.items()}
+    assert set(ours["scale_rewards"].metadata["choices"]) == {"group", "batch", "none"}
+    assert grpo["scale_rewards"] == ours["scale_rewards"].default == "group"
+
+
+def test_old_names_still_work_with_one_warning_naming_the_new_key(tmp_path):
+    yaml_text = "train:\n  group_size: 3\n  clip_range: 0.2\n  num_inner_epochs: 2\n  kl_beta: 0.01\n"
+    with pytest.warns(FutureWarning) as record:
+        cfg = load_config(GRPOConfig, write(tmp_path, yaml_text), ["train.sample_batch_size=6"])
+    assert (cfg.train.num_generations, cfg.train.epsilon, cfg.train.num_iterations, cfg.train.beta) == (3, 0.2, 2, 0.01)
+    messages = sorted(str(w.message) for w in record)
+    assert messages == [f"'train.{old}' is deprecated, use 'train.{new}' (same meaning)"
+                        for new, old in sorted(TRL_NAMES.items(), key=lambda kv: kv[1])]
+    assert all("\n" not in m for m in messages)
+    with pytest.warns(FutureWarning, match=r"'train.group_size' is deprecated, use 'train.num_generations'"):
+        over = load_config(GRPOConfig, overrides=["train.group_size=2"])
+    assert over.train.num_generations == 2 and over.to_dict()["train"]["num_generations"] == 2
+    assert "group_size" not in over.to_dict()["train"]
+    with pytest.warns(FutureWarning, match=r"'train.kl_beta' is deprecated, use 'train.beta'"):
+        assert load_config(GRPOConfig, overrides=["train={kl_beta: 0.5}"]).train.beta == 0.5
+    with pytest.warns(FutureWarning, match=r"TrainConfig.group_size' is deprecated, use 'TrainConfig.num_generations"):
+        assert over.train.group_size == 2                                  # attribute reads too
+    with pytest.warns(FutureWarning, match="TrainConfig.clip_range"):
+        over.train.clip_range = 0.3
+    assert over.train.epsilon == 0.3 and "clip_range" not in vars(over.train)
+    with pytest.raises(ConfigError, match=r"^train.group_size: both 'train.group_size' and its new name "
+                                          r"'train.num_generations' are set; keep only 'train.num_generations'"):
+        with pytest.warns(FutureWarning):
+            load_config(GRPOConfig, write(tmp_path, "train: {group_size: 2, num_generations: 4}\n"))
+    with pytest.warns(FutureWarning, match=r"'TrainConfig\(kl_beta=...\)' is deprecated, use 'TrainConfig\(beta=...\)'"):
+        assert TrainConfig(kl_beta=0.2, max_steps=3).beta == 0.2          # constructor keywords too
+    with pytest.raises(TypeError, match="both 'clip_range' and its new name 'epsilon'"):
+        TrainConfig(clip_range=0.1, epsilon=0.2)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        TrainConfig().nope
+    assert "deprecated names (still read, with a warning): train.group_size -> train.num_generations" in \
+        describe(GRPOConfig)
+
+
+def test_backprop_config_reads_the_old_group_size():
+    from pisces_rl.config import BackpropConfig
+
+    with pytest.warns(FutureWarning, match=r"'train.group_size' is deprecated, use 'train.num_generations'"):
+        cfg = load_config(BackpropConfig, overrides=["train.group_size=4", "train.sample_batch_size=8",
+                                                     "train.train_batch_size=4"])
+    assert cfg.train.num_generations == 4
+
+
+def test_scale_rewards_choices():
+    assert GRPOConfig().train.scale_rewards == "group"
+    assert load_config(GRPOConfig, overrides=["train.scale_rewards=batch"]).train.scale_rewards == "batch"
+    with pytest.raises(ConfigError, match=r"train.scale_rewards: 'global' is not one of group, batch, none"):
+        load_config(GRPOConfig, overrides=["train.scale_rewards=global"])

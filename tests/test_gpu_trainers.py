@@ -14,7 +14,7 @@ from pisces_rl.config import BackpropConfig, GRPOConfig, load_config
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
-SMALL = ["train.max_steps=2", "train.prompts_per_step=2", "train.group_size=2", "train.sample_batch_size=4",
+SMALL = ["train.max_steps=2", "train.prompts_per_step=2", "train.num_generations=2", "train.sample_batch_size=4",
          "train.train_batch_size=2", "sampling.num_inference_steps=3", "sampling.height=16", "sampling.width=16",
          "logging.report_to=none", "data.num_eval_prompts=2", "rewards.encoder=tiny"]
 
@@ -28,7 +28,7 @@ def test_grpo_trains_on_cuda(tmp_path, precision, fresh_accelerate_state):
     from pisces_rl.trainer import GRPOTrainer
 
     cfg = load_config(GRPOConfig, None, [f"output_dir={tmp_path}", *SMALL, f"train.mixed_precision={precision}",
-                                         "train.learning_rate=5e-3", "train.clip_range=0.2"])
+                                         "train.learning_rate=5e-3", "train.epsilon=0.2"])
     trainer = GRPOTrainer(cfg)
     assert trainer.accelerator.device.type == "cuda"
     assert all(p.is_cuda for p in trainer.policy.trainable_parameters())

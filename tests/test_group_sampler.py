@@ -76,7 +76,7 @@ def test_more_prompts_per_iteration_than_prompts():
 
 
 def test_from_config_and_named_tuple():
-    train = TrainConfig(prompts_per_step=4, group_size=3, seed=5)
+    train = TrainConfig(prompts_per_step=4, num_generations=3, seed=5)
     sampler = GroupSampler.from_config(PROMPTS, train, num_processes=2, process_index=1)
     out = sampler.prompts_for_iteration(0)
     assert isinstance(out, PromptGroups) and out.group_ids == [2, 2, 2, 3, 3, 3]

@@ -20,11 +20,11 @@ def tiny_config(tmp_path, *overrides):
         f"output_dir={tmp_path}",
         "train.max_steps=2",
         "train.prompts_per_step=1",
-        "train.group_size=2",
+        "train.num_generations=2",
         "train.sample_batch_size=2",
         "train.train_batch_size=2",
         "train.learning_rate=5e-3",
-        "train.clip_range=0.2",
+        "train.epsilon=0.2",
         "sampling.num_inference_steps=3",
         "sampling.num_frames=5",
         "sampling.height=16",
@@ -88,7 +88,7 @@ def test_custom_reward_by_import_path_in_config(tmp_path, monkeypatch):
 
 def test_with_ot_rewards_on_tiny_encoder(tmp_path):
     cfg = tiny_config(tmp_path, "train.max_steps=1", "rewards.weights={ot_quality: 1.0, ot_semantic: 1.0}",
-                      "train.advantage_mode=per_reward", "train.kl_beta=0.01")
+                      "train.advantage_mode=per_reward", "train.beta=0.01")
     metrics = GRPOTrainer(cfg).train()
     for name in ("ot_quality", "ot_semantic"):
         assert 0.0 <= metrics[f"reward/{name}/mean"] <= 1.0 or name == "ot_quality"
@@ -99,7 +99,7 @@ def test_bad_group_arithmetic_is_one_clear_error(tmp_path):
     from pisces_rl.config import ConfigError
 
     with pytest.raises(ConfigError, match="sample_batch_size"):
-        GRPOTrainer(tiny_config(tmp_path, "train.group_size=3"), rewards={"b": mean_brightness})
+        GRPOTrainer(tiny_config(tmp_path, "train.num_generations=3"), rewards={"b": mean_brightness})
 
 
 def test_before_after_evaluation_with_a_judge(tmp_path):
@@ -123,7 +123,7 @@ def test_before_after_evaluation_with_a_judge(tmp_path):
 
 @pytest.mark.parametrize("shared", [False, True])
 def test_shared_group_noise_starts_a_group_from_one_latent(tmp_path, shared):
-    cfg = tiny_config(tmp_path, "train.prompts_per_step=2", "train.group_size=3", "train.sample_batch_size=2",
+    cfg = tiny_config(tmp_path, "train.prompts_per_step=2", "train.num_generations=3", "train.sample_batch_size=2",
                       f"train.shared_group_noise={str(shared).lower()}")
     trainer = GRPOTrainer(cfg, rewards={"brightness": mean_brightness})
     rollout, group_ids = trainer.sample(0)
@@ -140,7 +140,7 @@ def test_shared_group_noise_starts_a_group_from_one_latent(tmp_path, shared):
 def test_sde_window_with_shared_noise_trains_on_the_window_steps_only(tmp_path):
     """Flow-GRPO-Fast style: a group shares its start, steps outside sampling.sde_window are ODE steps, so a group's
     videos agree until the window and every trained step lies inside it; the update still moves the LoRA."""
-    cfg = tiny_config(tmp_path, "train.shared_group_noise=true", "train.group_size=3", "train.sample_batch_size=3",
+    cfg = tiny_config(tmp_path, "train.shared_group_noise=true", "train.num_generations=3", "train.sample_batch_size=3",
                       "train.train_batch_size=3", "sampling.num_inference_steps=4", "sampling.sde_window=[1,2]")
     trainer = GRPOTrainer(cfg, rewards={"brightness": mean_brightness})
     rollout, _ = trainer.sample(0)
@@ -150,3 +150,53 @@ def test_sde_window_with_shared_noise_trains_on_the_window_steps_only(tmp_path):
     lora0 = lora_state(trainer)
     trainer.train()
     assert any(not torch.equal(lora0[k], v) for k, v in lora_state(trainer).items())
+
+
+@pytest.mark.parametrize("noise_block", [1, 2])
+def test_kl_term_is_flow_grpo_kl_of_the_trained_step(tmp_path, noise_block):
+    """``train.beta``'s KL is Flow-GRPO's: ``((mean - mean_ref) ** 2).mean(dims) / (2 * std_dev_t ** 2)`` with
+    ``std_dev_t = eta * sqrt(sigma / (1 - sigma))`` (yifan123/flow_grpo ``scripts/train_sd3.py``,
+    ``sd3_sde_with_logprob.py``), per video at its trained step; with ``noise_block = k`` the mean difference
+    is block-averaged, ``k * avgpool_k``, as in the step density (``pisces_rl.rollout.sde``)."""
+    from pisces_rl.rollout import rescore_log_prob
+
+    eta, beta = 0.7, 0.1
+    cfg = tiny_config(tmp_path, f"train.beta={beta}", f"sampling.noise_block={noise_block}", f"sampling.eta={eta}")
+    trainer = GRPOTrainer(cfg, rewards={"b": mean_brightness})
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():                                   # a non-zero LoRA, so the policy differs from the base
+        for p in trainer.policy.transformer.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    rollout, _ = trainer.sample(0)
+    j, mb = rollout.train_step_indices[:, 0], torch.arange(len(rollout))
+    out = rescore_log_prob(trainer.policy, rollout, j, mb)
+    stats = {}
+    extra = trainer._regularisers(rollout, j, mb, out, stats)
+    with torch.no_grad(), trainer.policy.lora_disabled():
+        ref = rescore_log_prob(trainer.policy, rollout, j, mb)
+
+    sigma, sigma_next = rollout.sigmas[j], rollout.sigmas[j + 1]                       # [b]
+    std_dev_t = eta * torch.sqrt(sigma / (1 - torch.where(sigma >= 1, sigma_next, sigma)))
+    diff = (out.mean - ref.mean).detach()                                              # [b, C, F, h, w]
+    if noise_block > 1:
+        k = noise_block
+        *lead, h, w = diff.shape
+        diff = diff.reshape(*lead, h // k, k, w // k, k).mean(dim=(-3, -1)) * k
+    expected = (diff**2).mean(dim=(1, 2, 3, 4)) / (2 * std_dev_t**2)                  # [b]
+    assert expected.min() > 0
+    torch.testing.assert_close(stats["kl"], expected.mean(), rtol=1e-4, atol=0)
+    torch.testing.assert_close(extra.detach(), beta * expected.mean(), rtol=1e-4, atol=0)
+
+
+def test_batch_scaled_advantages_in_the_trainer(tmp_path):
+    """``train.scale_rewards=batch`` divides by the std of the whole batch (one process here)."""
+    from pisces_rl.trainer.advantages import group_advantages
+
+    cfg = tiny_config(tmp_path, "train.scale_rewards=batch", "train.prompts_per_step=2")
+    trainer = GRPOTrainer(cfg, rewards={"b": mean_brightness})
+    rollout, group_ids = trainer.sample(0)
+    scores = trainer.rewards(rollout.videos, rollout.prompts)
+    adv = trainer.advantages(scores, group_ids)
+    torch.testing.assert_close(adv, group_advantages(scores.total, group_ids, scale="batch"))
+    assert not torch.allclose(adv, group_advantages(scores.total, group_ids, scale="group"))

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from _launch import ROOT, accelerate_launch
 
-TINY = ["train.max_steps=1", "train.prompts_per_step=2", "train.group_size=2", "train.sample_batch_size=2",
+TINY = ["train.max_steps=1", "train.prompts_per_step=2", "train.num_generations=2", "train.sample_batch_size=2",
         "train.train_batch_size=2", "sampling.num_inference_steps=3", "sampling.height=16", "sampling.width=16",
         "logging.report_to=none", "data.num_eval_prompts=1"]
 

@@ -46,7 +46,7 @@ def test_a_reversed_signal_picks_the_worst(alignment):
 
 def test_end_to_end_on_the_tiny_model(alignment, tmp_path, fresh_accelerate_state):
     cfg = load_config(GRPOConfig, None, [
-        f"output_dir={tmp_path}", "logging.report_to=none", "train.prompts_per_step=2", "train.group_size=3",
+        f"output_dir={tmp_path}", "logging.report_to=none", "train.prompts_per_step=2", "train.num_generations=3",
         "train.sample_batch_size=6", "sampling.num_inference_steps=2", "sampling.num_frames=5",
         "sampling.height=16", "sampling.width=16", "rewards.weights={ot_quality: 1.0, ot_semantic: 1.0}",
         "train.advantage_mode=per_reward", "data.prompts=shapes:train:8"])

@@ -263,7 +263,7 @@ def test_grpo_runs_on_the_world_with_the_judge(world, monkeypatch, tmp_path, fre
     monkeypatch.setenv("PISCES_RL_CACHE", str(world["root"]))
     root = Path(__file__).resolve().parents[1]
     cfg = load_config(GRPOConfig, root / "recipes" / "configs" / "grpo_shapes_cpu.yaml", [
-        f"output_dir={tmp_path}", "train.max_steps=2", "train.prompts_per_step=2", "train.group_size=2",
+        f"output_dir={tmp_path}", "train.max_steps=2", "train.prompts_per_step=2", "train.num_generations=2",
         "train.sample_batch_size=4", "train.gradient_accumulation_steps=1",
         "sampling.num_inference_steps=4", "data.eval_source=shapes:heldout:2", "data.num_eval_prompts=2",
         "logging.report_to=none", "logging.sample_every=0", "checkpoint.save_every=0"])
@@ -306,8 +306,8 @@ def test_grpo_moves_the_full_base_model_along_its_reward(tmp_path, reward, fresh
     cfg = load_config(GRPOConfig, None, [
         f"output_dir={tmp_path}", "model.pretrained=shapes", "data.prompts=shapes:train:256",
         "data.eval_source=shapes:heldout:4", "data.num_eval_prompts=4", "train.max_steps=20",
-        "train.prompts_per_step=2", "train.group_size=8", "train.sample_batch_size=16", "train.train_batch_size=16",
-        "train.learning_rate=1e-2", "train.clip_range=0.2", "sampling.num_inference_steps=8",
+        "train.prompts_per_step=2", "train.num_generations=8", "train.sample_batch_size=16", "train.train_batch_size=16",
+        "train.learning_rate=1e-2", "train.epsilon=0.2", "sampling.num_inference_steps=8",
         "sampling.num_frames=9", "sampling.guidance_scale=3.0", "sampling.train_timestep_fraction=0.5",
         "logging.report_to=none", "logging.sample_every=0", "checkpoint.save_every=0"])
     GRPOTrainer(cfg, rewards={"r": reward}).train()

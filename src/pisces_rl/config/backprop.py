@@ -32,10 +32,12 @@ __all__ = ["BackpropTrainConfig", "BackpropConfig", "backprop_batch_arithmetic"]
 class BackpropTrainConfig(ConfigBase):
     """Direct reward backprop with consistency distillation: data, loss and optimisation."""
 
-    max_steps: int = option(2, "optimiser steps (one per batch of prompts_per_step x group_size videos)")
+    _renamed = {"group_size": "num_generations"}  # trl's name, as in the GRPO TrainConfig
+
+    max_steps: int = option(2, "optimiser steps (one per batch of prompts_per_step x num_generations videos)")
     prompts_per_step: int = option(2, "distinct prompts (or dataset videos) per step, all processes together")
-    group_size: int = option(2, "samples per prompt, each with its own noise and noise level; adaptive fusion "
-                                "normalises rewards within these groups")
+    num_generations: int = option(2, "samples per prompt (was group_size), each with its own noise and noise "
+                                     "level; adaptive fusion normalises rewards within these groups")
     sample_batch_size: int = option(4, "videos per rollout forward when latent_source=generated, per process")
     train_batch_size: int = option(2, "videos per forward/backward micro-batch, per process (the memory knob)")
     latent_source: str = option("dataset", "where clean latents x0 come from: dataset = videos (or latents) of "
@@ -49,7 +51,7 @@ class BackpropTrainConfig(ConfigBase):
     caption_column: str = option("caption", "column of train.video_dataset holding the prompt of each video")
     dataset_size: int = option(64, "videos a named source (e.g. 'shapes') or an import-path source provides")
     cd_weight: float = option(1.0, "w_cd, weight of the consistency-distillation loss L_CD (0 = reward only)")
-    huber_c: float = option(0.001, "c of the pseudo-Huber distance of L_CD (pisces_rl.trainer.losses.pseudo_huber)")
+    huber_c: float = option(0.001, "c of the pseudo-Huber distance mean(sqrt((x - y)^2 + c^2) - c)")
     cd_target: str = option("stopgrad", "network of the target's jump from sigma' to sigma_min: stopgrad = the "
                                         "current LoRA without gradient; ema = an exponential moving average of "
                                         "the LoRA weights", choices=("stopgrad", "ema"))
@@ -78,7 +80,7 @@ class BackpropTrainConfig(ConfigBase):
     seed: int = option(42, "seed of prompt order, sampling noise, training noise and noise levels")
 
     def _check(self) -> None:
-        _positive(self, "max_steps", "prompts_per_step", "group_size", "sample_batch_size", "train_batch_size",
+        _positive(self, "max_steps", "prompts_per_step", "num_generations", "sample_batch_size", "train_batch_size",
                   "dataset_size", "huber_c", "teacher_steps", "learning_rate", "max_grad_norm")
         _positive(self, "cd_weight", "weight_decay", "warmup_steps", "seed", zero_ok=True)
         require(0 <= self.ema_decay < 1, "ema_decay", f"must be in [0, 1), got {self.ema_decay}")
@@ -87,8 +89,9 @@ class BackpropTrainConfig(ConfigBase):
         for key in ("guidance_scale", "teacher_guidance_scale"):
             g = getattr(self, key)
             require(g is None or (math.isfinite(g) and g >= 0), key, f"must be >= 0 or null, got {g}")
-        require(not self.adaptive_fusion or self.group_size >= 2, "group_size",
-                f"adaptive_fusion normalises rewards within a group and needs group_size >= 2, got {self.group_size}")
+        require(not self.adaptive_fusion or self.num_generations >= 2, "num_generations",
+                f"adaptive_fusion normalises rewards within a group and needs num_generations >= 2, got "
+                f"{self.num_generations}")
         require(self.caption_column.strip() != "", "caption_column", "is empty")
         # train.video_dataset is opened (and checked, one ConfigError naming the fix) by BackpropTrainer before
         # any model is built: a shipped config may name a directory that exists only on the machine it runs on
@@ -120,13 +123,13 @@ class BackpropConfig(ConfigBase):
 def backprop_batch_arithmetic(cfg: BackpropConfig, num_processes: int = 1) -> dict[str, int]:
     """Derived per-step counts for ``num_processes`` processes; :class:`ConfigError` if they do not divide.
 
-    Each process gets ``prompts_per_step / num_processes`` whole groups of ``group_size`` videos, generates
+    Each process gets ``prompts_per_step / num_processes`` whole groups of ``num_generations`` videos, generates
     them ``sample_batch_size`` at a time (``latent_source=generated``) and back-propagates
     ``train_batch_size`` at a time; all micro-batches of a step accumulate into one optimiser step. Adaptive
     fusion needs whole groups in a micro-batch (its statistics are per group).
     """
     t = cfg.train
-    P, G = t.prompts_per_step, t.group_size
+    P, G = t.prompts_per_step, t.num_generations
     per_process = videos_per_process(t, num_processes, unit="step",
                                      sampled="generates" if t.latent_source == "generated" else None)
     if per_process % t.train_batch_size:
@@ -142,7 +145,7 @@ def backprop_batch_arithmetic(cfg: BackpropConfig, num_processes: int = 1) -> di
         "num_processes": num_processes,
         "prompts_per_step": P,
         "prompts_per_process": P // num_processes,
-        "group_size": G,
+        "num_generations": G,
         "videos_per_step": P * G,
         "videos_per_process": per_process,
         "micro_batches_per_step": micro,

@@ -13,6 +13,10 @@ Values coming from YAML are coerced against the annotation with a few deliberate
 * ``bool`` is strict: only ``true``/``false`` (never ``0``/``1``, never a string);
 * a ``str`` field does not take numbers or booleans (quote them in YAML);
 * lists and tuples take YAML sequences; a fixed-length tuple checks the length.
+
+Renamed fields keep their old names as deprecated aliases (``ConfigBase._renamed``): YAML keys, ``key=value``
+overrides, constructor keywords and attribute access with the old name still work, with one ``FutureWarning``
+line naming the new key.
 """
 from __future__ import annotations
 
@@ -22,13 +26,14 @@ import difflib
 import functools
 import types
 import typing
+import warnings
 from collections.abc import Mapping
 from typing import Any, Iterable, Optional, Union
 
 __all__ = [
     "ConfigError", "ConfigBase", "option", "section", "require", "coerce", "type_name",
     "from_dict", "merge_into", "config_keys", "field_types", "suggest", "validate_config",
-    "unknown_key_error", "union_args", "to_plain",
+    "unknown_key_error", "union_args", "to_plain", "renamed_key",
 ]
 
 
@@ -82,16 +87,47 @@ def suggest(word: Any, candidates: Iterable[str]) -> str:
     return f" Did you mean '{match}'?" if match else ""
 
 
-class ConfigBase:
+class _ConfigMeta(type):
+    """Lets a config class take the deprecated names of its renamed fields as constructor keywords."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        for old, new in getattr(cls, "_renamed", {}).items():
+            if old in kwargs:
+                if new in kwargs:
+                    raise TypeError(f"{cls.__name__}() got both '{old}' and its new name '{new}'; keep only '{new}'")
+                _warn_renamed(f"{cls.__name__}({old}=...)", f"{cls.__name__}({new}=...)")
+                kwargs[new] = kwargs.pop(old)
+        return super().__call__(*args, **kwargs)
+
+
+class ConfigBase(metaclass=_ConfigMeta):
     """Base class of config dataclasses: generic validation and ``to_dict``.
 
     Subclasses override :meth:`_check` for their own ranges and cross-field rules, raising
-    :class:`ConfigError` with keys relative to themselves (``require(x > 0, "clip_range", ...)``).
+    :class:`ConfigError` with keys relative to themselves (``require(x > 0, "epsilon", ...)``).
     A section may set the class attribute ``_shorthand_field`` to the name of a mapping field: a YAML
     mapping for the section whose keys are *not* field names is then read as that field's value.
+    A section may set ``_renamed = {"old_name": "new_name"}`` (a plain class attribute, not a field): the old
+    name keeps working in YAML, overrides, constructor keywords and attribute access, with a ``FutureWarning``
+    naming the new key.
     """
 
     _shorthand_field: Optional[str] = None
+    _renamed: typing.ClassVar[dict] = {}
+
+    def __getattr__(self, name: str) -> Any:          # only reached when normal lookup fails
+        new = type(self)._renamed.get(name)
+        if new is None:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        _warn_renamed(f"{type(self).__name__}.{name}", f"{type(self).__name__}.{new}", stacklevel=2)
+        return getattr(self, new)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        new = type(self)._renamed.get(name)
+        if new is not None:
+            _warn_renamed(f"{type(self).__name__}.{name}", f"{type(self).__name__}.{new}", stacklevel=2)
+            name = new
+        object.__setattr__(self, name, value)
 
     def validate(self):
         """Check types, choices and ranges of this config and all nested sections; returns ``self``."""
@@ -225,6 +261,20 @@ def _number(text: str) -> Any:
     return text
 
 
+# ------------------------------------------------------------------------------------ renamed keys
+def _warn_renamed(old: str, new: str, stacklevel: int = 2) -> None:
+    warnings.warn(f"'{old}' is deprecated, use '{new}' (same meaning)", FutureWarning, stacklevel=stacklevel + 1)
+
+
+def renamed_key(cls: type, name: Any, prefix: str = "") -> Optional[str]:
+    """The new field name if ``name`` is a deprecated alias of a field of ``cls`` (warns), else ``None``."""
+    new = getattr(cls, "_renamed", {}).get(name)
+    if new is not None:
+        dot = f"{prefix}." if prefix else ""
+        _warn_renamed(f"{dot}{name}", f"{dot}{new}", stacklevel=2)
+    return new
+
+
 # ------------------------------------------------------------------------------------ building a tree
 def config_keys(cls: type, prefix: str = "") -> list[str]:
     """All dotted leaf keys of a config class, depth first (``["model.pretrained", ..., "output_dir"]``)."""
@@ -282,7 +332,14 @@ def merge_into(obj: Any, data: Any, prefix: str = "") -> Any:
     types_ = field_types(cls)
     for name, value in data.items():
         if name not in types_:
-            raise unknown_key_error(name, cls, prefix)
+            new = renamed_key(cls, name, prefix)
+            if new is None:
+                raise unknown_key_error(name, cls, prefix)
+            if new in data:
+                dot = f"{prefix}." if prefix else ""
+                raise ConfigError(f"both '{dot}{name}' and its new name '{dot}{new}' are set; keep only '{dot}{new}'",
+                                  f"{dot}{name}")
+            name = new
         key = f"{prefix}.{name}" if prefix else name
         current = getattr(obj, name)
         if dataclasses.is_dataclass(current) and not isinstance(value, type(current)):

@@ -167,15 +167,25 @@ class RewardsConfig(ConfigBase):
 
 @dataclass
 class TrainConfig(ConfigBase):
-    """GRPO optimisation: iterations, batch sizes, optimiser and loss."""
+    """GRPO optimisation: iterations, batch sizes, optimiser and loss.
 
-    max_steps: int = option(2, "GRPO iterations (sample -> score -> inner epochs of updates)")
+    Knobs shared with ``trl.GRPOConfig`` carry its names and meaning (``num_generations``, ``num_iterations``,
+    ``epsilon``, ``beta``, ``scale_rewards``, ``learning_rate``, ``max_grad_norm``, ...). The old names
+    ``group_size``, ``num_inner_epochs``, ``clip_range`` and ``kl_beta`` still work, with a FutureWarning.
+    """
+
+    _renamed = {"group_size": "num_generations", "num_inner_epochs": "num_iterations", "clip_range": "epsilon",
+                "kl_beta": "beta"}
+
+    max_steps: int = option(2, "GRPO iterations (sample -> score -> num_iterations passes of updates)")
     prompts_per_step: int = option(2, "distinct prompts per iteration, all processes together")
-    group_size: int = option(4, "videos sampled per prompt (G); advantages are normalised within a group")
+    num_generations: int = option(4, "videos sampled per prompt (G, trl's num_generations; was group_size); "
+                                     "advantages use the group's mean as baseline")
     sample_batch_size: int = option(4, "videos per rollout forward, per process")
     train_batch_size: int = option(2, "videos per update micro-batch, per process")
     gradient_accumulation_steps: int = option(1, "micro-batches per optimiser step")
-    num_inner_epochs: int = option(1, "passes over each iteration's rollouts")
+    num_iterations: int = option(1, "passes over each iteration's rollouts (trl's num_iterations, mu; ddpo/Flow-GRPO "
+                                    "num_inner_epochs)")
     shared_group_noise: bool = option(False, "the videos of a group start from the same initial noise, so they "
                                              "differ only by the SDE steps that the policy gradient credits")
     learning_rate: float = option(1e-4, "AdamW learning rate")
@@ -184,12 +194,19 @@ class TrainConfig(ConfigBase):
     lr_scheduler: str = option("constant", "learning-rate schedule over the optimiser steps",
                                choices=("constant", "cosine", "linear"))
     warmup_steps: int = option(0, "linear warm-up optimiser steps")
-    clip_range: float = option(1e-4, "PPO ratio clip range")
+    epsilon: float = option(1e-4, "PPO clip: the ratio is clipped to [1 - epsilon, 1 + epsilon] (trl's epsilon, "
+                                  "Flow-GRPO's clip_range)")
     adv_clip_max: float = option(5.0, "advantages clipped to [-adv_clip_max, adv_clip_max]")
     advantage_mode: str = option("sum", "sum = weighted reward sum, then group-normalise; per_reward = normalise "
                                         "each reward and sum their clipped surrogates",
                                  choices=("sum", "per_reward"))
-    kl_beta: float = option(0.0, "weight of the KL penalty to the LoRA-disabled model (0 = off)")
+    scale_rewards: str = option("group", "advantage = (reward - group mean) / (S + 1e-4), trl's scale_rewards: "
+                                         "group = S is the group's std; batch = S is the std of the whole batch, "
+                                         "all processes (Flow-GRPO global_std), near-tied groups get ~0 instead "
+                                         "of +-1; none = no scaling (Dr. GRPO)",
+                                choices=("group", "batch", "none"))
+    beta: float = option(0.0, "weight of the KL penalty to the LoRA-disabled model (0 = off); Flow-GRPO's KL scale "
+                              "(mean (mu - mu_ref)^2 / (2 g^2), g^2 = std^2 / |dt|), so its beta values transfer")
     cd_weight: float = option(0.0, "weight of the consistency-distillation loss L_CD (PISCES Eq. 7) at the trained "
                                    "rollout states: the one-step jump to x0 against the target network's jump "
                                    "after one teacher step (LoRA disabled) to the next sampling level (0 = off)")
@@ -207,12 +224,12 @@ class TrainConfig(ConfigBase):
 
     def _check(self) -> None:
         _positive(self, "max_steps", "prompts_per_step", "sample_batch_size", "train_batch_size",
-                  "gradient_accumulation_steps", "num_inner_epochs", "learning_rate", "clip_range",
+                  "gradient_accumulation_steps", "num_iterations", "learning_rate", "epsilon",
                   "adv_clip_max", "max_grad_norm")
-        _positive(self, "weight_decay", "warmup_steps", "kl_beta", "cd_weight", "seed", zero_ok=True)
-        require(self.group_size >= 2, "group_size", f"must be >= 2 to normalise advantages within a group, "
-                f"got {self.group_size}")
-        _positive(self, "base_anchor_weight", zero_ok=True)
+        _positive(self, "weight_decay", "warmup_steps", "beta", "cd_weight", "base_anchor_weight", "seed",
+                  zero_ok=True)
+        require(self.num_generations >= 2, "num_generations", f"must be >= 2 to compare videos within a group, "
+                f"got {self.num_generations}")
         require(0 <= self.cd_ema_decay < 1, "cd_ema_decay", f"must be in [0, 1), got {self.cd_ema_decay}")
         g = self.cd_guidance_scale
         require(g is None or (math.isfinite(g) and g >= 0), "cd_guidance_scale", f"must be >= 0 or null, got {g}")
@@ -321,7 +338,7 @@ def _divisors(n: int) -> str:
 
 def videos_per_process(t, num_processes: int, unit: str, sampled: Optional[str]) -> int:
     """Videos per process per ``unit`` (iteration/step) when ``t.prompts_per_step`` whole groups of
-    ``t.group_size`` are split over ``num_processes``; ConfigError if the groups or, when ``sampled`` names the
+    ``t.num_generations`` are split over ``num_processes``; ConfigError if the groups or, when ``sampled`` names the
     verb ("samples", "generates"), the rollout forwards of ``t.sample_batch_size`` do not divide."""
     if not isinstance(num_processes, int) or num_processes < 1:
         raise ConfigError(f"num_processes must be a positive integer, got {num_processes!r}")
@@ -330,10 +347,10 @@ def videos_per_process(t, num_processes: int, unit: str, sampled: Optional[str])
         raise ConfigError(f"{P} prompts per {unit} cannot be split into whole groups over {num_processes} "
                           f"processes; set train.prompts_per_step to a multiple of {num_processes}",
                           "train.prompts_per_step")
-    per_process = P // num_processes * t.group_size
+    per_process = P // num_processes * t.num_generations
     if sampled and per_process % t.sample_batch_size:
         raise ConfigError(f"each process {sampled} {per_process} videos per {unit} (prompts_per_step / "
-                          f"{num_processes} processes x group_size), not divisible by {t.sample_batch_size}; use a "
+                          f"{num_processes} processes x num_generations), not divisible by {t.sample_batch_size}; use a "
                           f"divisor of {per_process}: {_divisors(per_process)}", "train.sample_batch_size")
     return per_process
 
@@ -346,7 +363,7 @@ def batch_arithmetic(cfg: GRPOConfig, num_processes: int = 1) -> dict[str, int]:
     ``train_batch_size``, ``gradient_accumulation_steps`` micro-batches per optimiser step.
     """
     t, s = cfg.train, cfg.sampling
-    P, G = t.prompts_per_step, t.group_size
+    P, G = t.prompts_per_step, t.num_generations
     per_process = videos_per_process(t, num_processes, unit="iteration", sampled="samples")
     step = t.train_batch_size * t.gradient_accumulation_steps
     if per_process % step:
@@ -360,14 +377,14 @@ def batch_arithmetic(cfg: GRPOConfig, num_processes: int = 1) -> dict[str, int]:
         "num_processes": num_processes,
         "prompts_per_iteration": P,
         "prompts_per_process": P // num_processes,
-        "group_size": G,
+        "num_generations": G,
         "videos_per_iteration": P * G,
         "videos_per_process": per_process,
         "rollout_forwards_per_process": per_process // t.sample_batch_size,
         "micro_batches_per_epoch": micro,
         "optimizer_steps_per_epoch": opt_per_epoch,
-        "optimizer_steps_per_iteration": opt_per_epoch * t.num_inner_epochs,
-        "total_optimizer_steps": opt_per_epoch * t.num_inner_epochs * t.max_steps,
+        "optimizer_steps_per_iteration": opt_per_epoch * t.num_iterations,
+        "total_optimizer_steps": opt_per_epoch * t.num_iterations * t.max_steps,
         "videos_per_optimizer_step": step * num_processes,
         "train_timesteps_per_video": train_timesteps_per_video(s),
     }

@@ -13,6 +13,7 @@ Override syntax (applied left to right, after the file):
   string, ``logging.report_to=none`` is not null); quote it to force YAML parsing. An ``Optional[str]``
   field takes ``null``/``~``/``None`` as null.
 * ``section={field: value, ...}``: sets several fields of a section; other fields keep their values.
+* a renamed field's old name (``train.group_size=8``) sets the new one (``train.num_generations``) and warns.
 * ``mapping.key=value`` for a ``dict`` field: everything after the field name is *one* key, dots and
   colons included, so ``rewards.weights.my_pkg.rewards:sharpness=0.5`` adds or changes the weight of the
   reward ``my_pkg.rewards:sharpness``; ``rewards.weights.ot_semantic=null`` removes an entry and
@@ -30,8 +31,8 @@ from typing import Any, Optional, Sequence, Union
 
 import yaml
 
-from .base import (ConfigError, coerce, config_keys, field_types, from_dict, merge_into, to_plain, type_name,
-                   union_args, unknown_key_error)
+from .base import (ConfigError, coerce, config_keys, field_types, from_dict, merge_into, renamed_key, to_plain,
+                   type_name, union_args, unknown_key_error)
 
 __all__ = ["load_config", "apply_overrides", "load_yaml", "to_dict", "save_yaml", "describe", "parse_cli"]
 
@@ -125,6 +126,9 @@ def _apply(cfg: Any, key: str, value: Any, raw: bool) -> None:
         prefix = ".".join(parts[:i])
         types_ = field_types(type(obj))
         if name not in types_:
+            name = renamed_key(type(obj), name, prefix) or name   # deprecated alias -> new name, with a warning
+            parts[i] = name
+        if name not in types_:
             raise unknown_key_error(name, type(obj), prefix)
         full, tp, current, rest = ".".join(parts[: i + 1]), types_[name], getattr(obj, name), parts[i + 1:]
         if dataclasses.is_dataclass(current):
@@ -199,6 +203,10 @@ def describe(cls_or_cfg: Any) -> str:
             lines.append(f"  {key}: {type_name(types_[f.name])} = {shown}{extra}")
             if f.metadata.get("help"):
                 lines.append(f"      {f.metadata['help']}")
+        renamed = getattr(type(obj), "_renamed", {})
+        if renamed:
+            lines.append("  deprecated names (still read, with a warning): "
+                         + ", ".join(f"{prefix}{o} -> {prefix}{n}" for o, n in renamed.items()))
 
     walk(root, "")
     title = f"{type(root).__name__} ({'current values' if is_instance else 'defaults'})"

@@ -74,8 +74,8 @@ class GroupSampler:
     @classmethod
     def from_config(cls, prompts: Sequence[str], train: Any, num_processes: int = 1,
                     process_index: int = 0) -> "GroupSampler":
-        """Build from a ``TrainConfig`` (``group_size``, ``prompts_per_step``, ``seed``)."""
-        return cls(prompts, group_size=train.group_size, prompts_per_iteration=train.prompts_per_step,
+        """Build from a ``TrainConfig`` (``num_generations``, ``prompts_per_step``, ``seed``)."""
+        return cls(prompts, group_size=train.num_generations, prompts_per_iteration=train.prompts_per_step,
                    num_processes=num_processes, process_index=process_index, seed=train.seed)
 
     @property

@@ -1,48 +1,55 @@
-"""Group-normalised advantages for GRPO (PISCES §(d); Flow-GRPO / DanceGRPO style).
+"""Group-baseline advantages for GRPO (PISCES §(d); Flow-GRPO / DanceGRPO / trl style).
 
-Every prompt is sampled ``G`` times; the ``G`` videos of one prompt form a *group*. Each video's
-advantage is its reward standardised within its group::
+Every prompt is sampled ``G`` times (``train.num_generations``); the ``G`` videos of one prompt form a
+*group*. Each video's advantage is its reward minus its group's mean, scaled as ``train.scale_rewards``
+says (trl ``GRPOConfig.scale_rewards``, same names and meaning)::
 
-    A_i = clip( (r_i - mean_g) / (std_g + eps), -c, +c )
+    A_i = clip( (r_i - mean_g) / (S + eps), -c, +c )          eps = 1e-4 (trl GRPOTrainer, Flow-GRPO)
 
     mean_g = (1 / n_g) * sum_{j in g} r_j
-    std_g  = sqrt( (1 / n_g) * sum_{j in g} (r_j - mean_g)^2 )      # population std (unbiased=False)
+    S = std_g       scale="group": sqrt((1 / n_g) * sum_{j in g} (r_j - mean_g)^2), the group's own std
+    S = std_batch   scale="batch": std of the rewards of the whole batch, *all processes* together
+    S = 1, eps = 0  scale="none":  no scaling (Dr. GRPO), A_i = r_i - mean_g
 
-``n_g`` counts the group's *valid* samples only (see NaN handling). The population standard deviation
-(``unbiased=False``) is used, as in Flow-GRPO: with G = 2 and rewards (a, b) the advantages are exactly
-(-1, +1) whatever the gap.
+``n_g`` counts the group's *valid* samples only (see NaN handling). Standard deviations are population
+ones (``unbiased=False``), as in Flow-GRPO's ``stat_tracking.py`` (``np.std``); trl uses Bessel's correction
+(``nanstd``), which differs by ``sqrt(n / (n - 1))``. With ``"group"`` every group is rescaled to unit
+spread however small its differences are: a near-tied group of noisy rewards becomes ``+-1`` advantages of
+pure noise (G = 2 and rewards ``(a, b)`` give ``(-1, +1)`` as soon as ``|a - b| >> eps``). ``"batch"``
+(Flow-GRPO's ``sample.global_std=True`` in its SD3 configs, trl's "PPO Lite" option) keeps the differences
+between groups: a near-tied group gets near-zero advantages when other groups spread.
 
 Two ways of combining R rewards (``weights`` w_r, default 1 each):
 
-* ``mode="sum"`` (weighted sum, then normalise)::
+* ``mode="sum"`` (weighted sum, then normalise; trl's ``sum_then_normalize``)::
 
       r_i = sum_r w_r * s_ir          (rewards that are NaN for sample i are left out of its sum)
-      A_i = normalise_within_group(r_i)                                   -> [B]
+      A_i = normalise(r_i)                                                -> [B]
 
 * ``mode="per_reward"`` (the released PISCES code): every reward column is normalised on its own::
 
-      A_ir = normalise_within_group(s_ir)                                 -> [B, R]
+      A_ir = normalise(s_ir)                                              -> [B, R]
 
   and the loss adds the R clipped surrogates with weights w_r (:func:`~pisces_rl.trainer.losses.clipped_policy_loss`).
-  Weights are therefore *not* applied here in this mode.
+  Weights are therefore *not* applied here in this mode; with ``"batch"`` each column has its own batch std.
 
 Edge cases, handled explicitly:
 
 * **NaN scores** mean "reward not applicable" (the reward plug-in returned ``None``/NaN, or the reward
   server skipped a failing call). A NaN sample gets advantage **0** and is **excluded** from its group's
-  mean/std, so it neither moves the policy nor distorts the statistics of its siblings. In ``"sum"``
-  mode a sample is NaN only if *all* its rewards are NaN; if a reward is missing for just some members
-  of a group, their sums are on a different footing -- prefer ``"per_reward"`` then.
+  mean and from every std, so it neither moves the policy nor distorts the statistics of its siblings. In
+  ``"sum"`` mode a sample is NaN only if *all* its rewards are NaN; if a reward is missing for just some
+  members of a group, their sums are on a different footing -- prefer ``"per_reward"`` then.
 * **Zero-variance groups** (every valid member got the same reward, or only one valid member) get
   advantage exactly 0: values are centred on a member of the group before averaging, in float64, so
   identical rewards give exact zeros instead of rounding noise divided by ``eps``.
 * ``+/-inf`` scores are rejected: they are a bug in a reward, not "not applicable".
 
-Distributed training: the group-keeping sampler places *whole groups* on each process, so normalising
-on each process separately is exact -- no all-gather is needed. Pass ``group_size=G`` to have that
-assumption checked (a group split across processes would show up locally with fewer than G members).
-If your sampler does split groups, gather ``scores`` and ``group_ids`` from all processes first
-(``accelerator.gather``), call :func:`group_advantages` on the full batch, and keep your own slice.
+Distributed training: the group-keeping sampler places *whole groups* on each process, so group means
+and group stds are exact on each process alone. The batch std is not: gather every process's scores with
+:func:`gather_scores` and pass them as ``batch_scores`` (the GRPO trainer does). Pass ``group_size=G`` to
+have the whole-group assumption checked (a group split across processes would show up locally with fewer
+than G members).
 """
 from __future__ import annotations
 
@@ -50,8 +57,9 @@ from typing import Hashable, Optional, Sequence, Union
 
 import torch
 
-__all__ = ["group_advantages", "group_index"]
+__all__ = ["group_advantages", "group_index", "gather_scores", "SCALE_REWARDS"]
 
+SCALE_REWARDS = ("group", "batch", "none")  # trl GRPOConfig.scale_rewards values
 GroupIds = Union[torch.Tensor, Sequence[Hashable]]
 
 
@@ -80,8 +88,18 @@ def group_index(group_ids: GroupIds) -> tuple[torch.Tensor, int]:
     return torch.tensor(inv, dtype=torch.long), len(labels)
 
 
-def _normalise_column(values: torch.Tensor, inv: torch.Tensor, n_groups: int, eps: float) -> torch.Tensor:
-    """Standardise one float64 column ``[B]`` within groups; NaN entries -> 0 and excluded from stats."""
+def _population_std(values: torch.Tensor) -> torch.Tensor:
+    """NaN-aware population std of a float64 column ``[N]`` (0 if fewer than 2 valid values)."""
+    valid = values[~torch.isnan(values)]
+    if valid.numel() < 2:
+        return values.new_zeros(())
+    x = valid - valid[0]                                                 # centred: equal values -> exact 0
+    return (x - x.mean()).pow(2).mean().sqrt()
+
+
+def _normalise_column(values: torch.Tensor, inv: torch.Tensor, n_groups: int, eps: float, scale: str,
+                      batch_values: Optional[torch.Tensor]) -> torch.Tensor:
+    """Group-centre one float64 column ``[B]`` and scale it; NaN entries -> 0 and excluded from stats."""
     valid = ~torch.isnan(values)                                         # [B]
     b = values.shape[0]
     # Centre on the first valid member of each group so equal rewards give exact zeros.
@@ -93,9 +111,50 @@ def _normalise_column(values: torch.Tensor, inv: torch.Tensor, n_groups: int, ep
     count = torch.zeros(n_groups, dtype=values.dtype).index_add_(0, inv, valid.to(values.dtype))   # [n_groups]
     mean = torch.zeros(n_groups, dtype=values.dtype).index_add_(0, inv, x) / count.clamp_min(1)
     dev = torch.where(valid, x - mean[inv], values.new_zeros(()))       # [B]
-    var = torch.zeros(n_groups, dtype=values.dtype).index_add_(0, inv, dev * dev) / count.clamp_min(1)
-    std = var.sqrt()                                                     # population std, unbiased=False
-    return dev / (std[inv] + eps)                                        # 0 for invalid and zero-variance
+    if scale == "none":
+        return dev
+    if scale == "group":
+        var = torch.zeros(n_groups, dtype=values.dtype).index_add_(0, inv, dev * dev) / count.clamp_min(1)
+        denom = var.sqrt()[inv] + eps                                    # [B] population std of the group
+    else:  # "batch": one std over every valid reward of the batch (all processes when gathered)
+        denom = (_population_std(values if batch_values is None else batch_values) + eps).expand(b)
+    return dev / torch.where(denom > 0, denom, torch.ones_like(denom))  # 0 for invalid and zero-variance
+
+
+def _columns(s: torch.Tensor, w: torch.Tensor, mode: str) -> torch.Tensor:
+    """``[B, R]`` float64 scores -> the columns to normalise: ``[B, 1]`` weighted totals or ``[B, R]``."""
+    if mode == "per_reward":
+        return s
+    present = ~torch.isnan(s)                                            # [B, R]
+    total = torch.where(present, s * w, s.new_zeros(())).sum(dim=1)     # [B], nan-safe weighted sum
+    total[~present.any(dim=1)] = float("nan")                            # all rewards missing -> NaN
+    return total[:, None]
+
+
+def _as_scores(scores, name: str) -> torch.Tensor:
+    """``[B]`` / ``[B, R]`` scores as a float64 CPU ``[B, R]`` tensor; inf is an error."""
+    if not isinstance(scores, torch.Tensor):
+        scores = torch.as_tensor(scores, dtype=torch.float32)
+    if scores.dim() not in (1, 2):
+        raise ValueError(f"{name} must be [B] or [B, R], got shape {tuple(scores.shape)}")
+    s = scores.detach().to("cpu", torch.float64)
+    s = s[:, None] if s.dim() == 1 else s
+    if torch.isinf(s).any():
+        raise ValueError(f"{name} contain +/-inf; a reward returned an infinite value "
+                         "(return NaN/None for 'not applicable' instead)")
+    return s
+
+
+def gather_scores(values: torch.Tensor, accelerator) -> torch.Tensor:
+    """Every process's ``values`` concatenated in rank order, on the CPU: ``[B, ...] -> [P*B, ...]``.
+
+    For ``scale="batch"``: pass the result as ``batch_scores`` of :func:`group_advantages`. Every process must
+    call it with the same shape (the group-keeping sampler gives each the same number of whole groups).
+    ``accelerator`` is an ``accelerate.Accelerator``; with one process ``values`` is returned unchanged.
+    """
+    if accelerator.num_processes == 1:
+        return values
+    return accelerator.gather(values.detach().float().to(accelerator.device).contiguous()).cpu()
 
 
 def group_advantages(
@@ -104,10 +163,12 @@ def group_advantages(
     weights: Optional[Union[torch.Tensor, Sequence[float]]] = None,
     mode: str = "sum",
     clip: Optional[float] = 5.0,
-    eps: float = 1e-8,
+    eps: float = 1e-4,
     group_size: Optional[int] = None,
+    scale: str = "group",
+    batch_scores: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Group-normalised, clipped advantages (formulas in the module docstring).
+    """Group-baseline, scaled, clipped advantages (formulas in the module docstring).
 
     Args:
         scores: ``[B, R]`` per-reward scores (NaN = not applicable) or ``[B]`` already-combined totals
@@ -117,9 +178,13 @@ def group_advantages(
             in the loss).
         mode: ``"sum"`` -> ``[B]``; ``"per_reward"`` -> ``[B, R]``.
         clip: advantages are clamped to ``[-clip, clip]``; ``None`` disables clipping.
-        eps: added to the group std in the denominator.
+        eps: added to the std in the denominator (``1e-4`` as trl's GRPOTrainer and Flow-GRPO's
+            ``stat_tracking.py``); unused with ``scale="none"``.
         group_size: if given, every group must have exactly this many members (checks that the sampler kept
-            whole groups on this process, which makes per-process normalisation exact).
+            whole groups on this process, which makes per-process group statistics exact).
+        scale: ``"group"`` (each group's std), ``"batch"`` (one std over the batch) or ``"none"``.
+        batch_scores: ``scale="batch"`` only: the scores of the *whole* batch, every process's (same layout as
+            ``scores``, see :func:`gather_scores`); default ``scores`` (one process).
 
     Returns:
         float32 advantages on ``scores.device``: ``[B]`` (``"sum"``) or ``[B, R]`` (``"per_reward"``).
@@ -127,24 +192,17 @@ def group_advantages(
     Example::
 
         >>> group_advantages(torch.tensor([1., 3., 5., 5.]), torch.tensor([0, 0, 1, 1]))
+        tensor([-0.9999,  0.9999,  0.0000,  0.0000])
+        >>> group_advantages(torch.tensor([1., 3., 5., 5.]), torch.tensor([0, 0, 1, 1]), scale="none")
         tensor([-1.,  1.,  0.,  0.])
     """
     if mode not in ("sum", "per_reward"):
         raise ValueError(f"mode must be 'sum' or 'per_reward', got {mode!r} (set train.advantage_mode)")
-    if not isinstance(scores, torch.Tensor):
-        scores = torch.as_tensor(scores, dtype=torch.float32)
-    if scores.dim() not in (1, 2):
-        raise ValueError(f"scores must be [B] or [B, R], got shape {tuple(scores.shape)}")
-    if not scores.dtype.is_floating_point:
-        scores = scores.float()
-    device = scores.device
-    s = scores.detach().to("cpu", torch.float64)
-    if s.dim() == 1:
-        s = s[:, None]                                                   # [B, 1]
+    if scale not in SCALE_REWARDS:
+        raise ValueError(f"scale must be one of {', '.join(SCALE_REWARDS)}, got {scale!r} (set train.scale_rewards)")
+    device = scores.device if isinstance(scores, torch.Tensor) else torch.device("cpu")
+    s = _as_scores(scores, "scores")                                     # [B, R]
     b, r = s.shape
-    if torch.isinf(s).any():
-        raise ValueError("scores contain +/-inf; a reward returned an infinite value "
-                         "(return NaN/None for 'not applicable' instead)")
     if eps < 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
     if clip is not None and clip <= 0:
@@ -166,14 +224,19 @@ def group_advantages(
     if w.shape[0] != r:
         raise ValueError(f"weights has {w.shape[0]} entries but scores has {r} reward columns; "
                          "pass one weight per reward (or scores as [B] totals with weights=None)")
+    cols = _columns(s, w, mode)                                          # [B, 1] or [B, R]
+    batch_cols = None
+    if batch_scores is not None and scale == "batch":
+        full = _as_scores(batch_scores, "batch_scores")
+        if full.shape[1] != r:
+            raise ValueError(f"batch_scores has {full.shape[1]} reward columns but scores has {r}; gather the "
+                             "same values on every process (gather_scores)")
+        batch_cols = _columns(full, w, mode)
+    adv = torch.stack([_normalise_column(cols[:, k], inv, n_groups, eps, scale,
+                                         None if batch_cols is None else batch_cols[:, k])
+                       for k in range(cols.shape[1])], dim=1)            # [B, 1] or [B, R]
     if mode == "sum":
-        present = ~torch.isnan(s)                                        # [B, R]
-        total = torch.where(present, s * w, s.new_zeros(())).sum(dim=1)  # [B], nan-safe weighted sum
-        total[~present.any(dim=1)] = float("nan")                        # all rewards missing -> NaN
-        adv = _normalise_column(total, inv, n_groups, eps)               # [B]
-    else:
-        adv = torch.stack([_normalise_column(s[:, k], inv, n_groups, eps) for k in range(r)], dim=1)  # [B, R]
-
+        adv = adv[:, 0]                                                  # [B]
     if clip is not None:
         adv = adv.clamp(-clip, clip)
     return adv.to(device=device, dtype=torch.float32)

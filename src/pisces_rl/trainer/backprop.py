@@ -166,7 +166,7 @@ class BackpropTrainer(TrainerBase):
             else:                                                             # the rows' clean latents
                 first = acc.process_index * self.sampler.prompts_per_process
                 rows = self.sampler.iteration_indices(step)[first:first + self.sampler.prompts_per_process]
-                x0 = self.dataset_latents(rows).repeat_interleave(t.group_size, dim=0)
+                x0 = self.dataset_latents(rows).repeat_interleave(t.num_generations, dim=0)
             embeds, negative = self.policy.encode_prompts(prompts, cfg.sampling.negative_prompt,
                                                           max(self.guidance, self.teacher_guidance) > 1,
                                                           cfg.sampling.max_sequence_length)

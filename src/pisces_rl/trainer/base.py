@@ -67,7 +67,7 @@ class TrainerBase:
         cfg, acc = self.config, self.accelerator
         d = cfg.data
         self.prompts = list(prompts) if prompts is not None else load_prompts(d.prompts, d.prompt_column)
-        self.sampler = GroupSampler(self.prompts, group_size=cfg.train.group_size,
+        self.sampler = GroupSampler(self.prompts, group_size=cfg.train.num_generations,
                                     prompts_per_iteration=cfg.train.prompts_per_step,
                                     num_processes=acc.num_processes, process_index=acc.process_index,
                                     seed=cfg.train.seed)
@@ -163,7 +163,7 @@ class TrainerBase:
     def _timing(self, t0: float) -> dict[str, float]:
         dt = time.perf_counter() - t0
         t = self.config.train
-        return {"time/step_s": dt, "time/samples_per_s": t.prompts_per_step * t.group_size / dt,
+        return {"time/step_s": dt, "time/samples_per_s": t.prompts_per_step * t.num_generations / dt,
                 "train/lr": self.scheduler.get_last_lr()[0]}
 
     def _log(self, metrics: dict[str, float], bar) -> None:

@@ -4,8 +4,8 @@ One iteration (PISCES §1(d); the ddpo/flow_grpo loop)::
 
     prompts ─► G rollouts per prompt (SDE sampling, per-step log-probs)      # [B] videos, B = groups * G
             ─► RewardServer scores [B, R] and total [B]
-            ─► group-normalised advantages ([B] or [B, R])
-            ─► inner epochs: for each micro-batch and each trained timestep,
+            ─► group-baseline advantages ([B] or [B, R]), scaled per train.scale_rewards
+            ─► num_iterations passes: for each micro-batch and each trained timestep,
                clipped surrogate (+ β·KL to the LoRA-disabled model, + w_cd·L_CD) ─► accelerate.backward
             ─► optimizer step per (micro-batches × timesteps) accumulation window
 
@@ -22,7 +22,7 @@ import torch
 from ..config import ConfigError, GRPOConfig, batch_arithmetic
 from ..rollout import Rollout, rescore_log_prob, sample_rollout
 from .accel import gradient_sync, zero_stage
-from .advantages import group_advantages
+from .advantages import gather_scores, group_advantages
 from .base import RewardsArg, TrainerBase, seed_for
 from .consistency import consistency_target, euler_jump, lora_ema_for
 from .losses import clipped_policy_loss, gaussian_kl, pseudo_huber
@@ -84,15 +84,21 @@ class GRPOTrainer(TrainerBase):
         return noise[index]
 
     def advantages(self, scores, group_ids: torch.Tensor) -> torch.Tensor:
-        """Group-normalised, clipped advantages (``train.advantage_mode``)."""
+        """Group-baseline, scaled, clipped advantages (``train.advantage_mode``, ``train.scale_rewards``).
+
+        With ``scale_rewards=batch`` the std is over every process's rewards (gathered), so all processes
+        scale by the same number, as Flow-GRPO's ``global_std`` and trl's ``"batch"`` do.
+        """
         t = self.config.train
-        values = scores.scores if t.advantage_mode == "per_reward" else scores.total
-        return group_advantages(values.float().cpu(), group_ids, weights=scores.weights if
-                                t.advantage_mode == "per_reward" else None,
-                                mode=t.advantage_mode, clip=t.adv_clip_max)
+        per_reward = t.advantage_mode == "per_reward"
+        values = (scores.scores if per_reward else scores.total).float().cpu()     # [B, R] or [B]
+        batch = gather_scores(values, self.accelerator) if t.scale_rewards == "batch" else None
+        return group_advantages(values, group_ids, weights=scores.weights if per_reward else None,
+                                mode=t.advantage_mode, clip=t.adv_clip_max, scale=t.scale_rewards,
+                                batch_scores=batch)
 
     def update(self, rollout: Rollout, advantages: torch.Tensor) -> dict[str, float]:
-        """Inner epochs of clipped-surrogate updates over micro-batches x trained timesteps.
+        """``num_iterations`` passes of clipped-surrogate updates over micro-batches x trained timesteps.
 
         One optimizer step per window of ``gradient_accumulation_steps`` micro-batches x K timesteps;
         :func:`gradient_sync` marks the window's last backward (DDP all-reduce / DeepSpeed step).
@@ -100,13 +106,13 @@ class GRPOTrainer(TrainerBase):
         t, acc = self.config.train, self.accelerator
         num_k = rollout.train_step_indices.shape[1]                           # K trained steps per video
         window = t.gradient_accumulation_steps * num_k
-        total = t.num_inner_epochs * math.ceil(len(rollout) / t.train_batch_size) * num_k
+        total = t.num_iterations * math.ceil(len(rollout) / t.train_batch_size) * num_k
         gen = torch.Generator().manual_seed(seed_for(t.seed + 1, self.step, acc.process_index))
         weights = self.rewards.weights if t.advantage_mode == "per_reward" else None
         stats: dict[str, list[float]] = {}
         self.model.train()
         n = 0
-        for _ in range(t.num_inner_epochs):
+        for _ in range(t.num_iterations):
             order = torch.randperm(len(rollout), generator=gen)
             for mb in order.split(t.train_batch_size):
                 for k in range(num_k):
@@ -114,7 +120,7 @@ class GRPOTrainer(TrainerBase):
                     out = rescore_log_prob(self.policy, rollout, j, mb)
                     old = rollout.log_probs[mb, j].to(out.log_prob.device)
                     adv = advantages[mb].to(out.log_prob.device)
-                    loss, s = clipped_policy_loss(out.log_prob, old, adv, t.clip_range, weights=weights)
+                    loss, s = clipped_policy_loss(out.log_prob, old, adv, t.epsilon, weights=weights)
                     loss = loss + self._regularisers(rollout, j, mb, out, s)
                     s["loss"] = loss.detach()
                     n += 1
@@ -130,21 +136,27 @@ class GRPOTrainer(TrainerBase):
     # ------------------------------------------------------------------ regularisers
     def _regularisers(self, rollout, j, mb, out, stats) -> torch.Tensor:
         """``w_cd·L_CD`` (PISCES Eq. 7, :meth:`consistency_loss`), and β·KL(π‖π_ref) and the base-model anchor
-        ``pseudo_huber(mean_θ, mean_ref)``, both against the LoRA-disabled model."""
+        ``pseudo_huber(mean_θ, mean_ref)``, both against the LoRA-disabled model.
+
+        The KL is on Flow-GRPO's scale (divided by ``g² = std²/|dt|``, not by the step variance ``std²``), so
+        published ``beta`` values transfer; with ``noise_block > 1`` only the block-averaged mean difference
+        counts, as in the step's density (:func:`~pisces_rl.trainer.losses.gaussian_kl`).
+        """
         t = self.config.train
         extra = torch.zeros((), device=out.log_prob.device)
         if t.cd_weight > 0:
             cd = self.consistency_loss(rollout, j, mb)
             stats["cd_loss"] = cd.detach()
             extra = extra + t.cd_weight * cd
-        if t.kl_beta <= 0 and t.base_anchor_weight <= 0:
+        if t.beta <= 0 and t.base_anchor_weight <= 0:
             return extra
         with torch.no_grad(), self.policy.lora_disabled():
             ref = rescore_log_prob(self.policy, rollout, j, mb)
-        if t.kl_beta > 0:
-            kl = gaussian_kl(out.mean, ref.mean, out.std).mean()
+        if t.beta > 0:
+            dt = (rollout.sigmas[j + 1] - rollout.sigmas[j]).to(out.mean.device)         # [b] sigma' - sigma
+            kl = gaussian_kl(out.mean, ref.mean, out.std, dt=dt, noise_block=rollout.noise_block).mean()
             stats["kl"] = kl.detach()
-            extra = extra + t.kl_beta * kl
+            extra = extra + t.beta * kl
         if t.base_anchor_weight > 0:
             anchor = pseudo_huber(out.mean, ref.mean).mean()
             stats["base_anchor"] = anchor.detach()

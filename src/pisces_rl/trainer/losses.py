@@ -1,7 +1,8 @@
 """Losses of the PISCES trainers as small, stateless functions.
 
 * :func:`clipped_policy_loss` -- PPO-clip surrogate on per-step log-probs (GRPO paradigm).
-* :func:`gaussian_kl` -- KL between the policy's and the reference model's Gaussian SDE steps.
+* :func:`gaussian_kl` -- KL between the policy's and the reference model's Gaussian SDE steps
+  (Flow-GRPO's scale when given the step's ``dt``).
 * :func:`pseudo_huber` -- the consistency-distillation distance ``L_CD`` (direct-backprop paradigm).
 
 Convention shared by all three: one value per sample, ``[B]``, and anything per-element is *averaged*
@@ -41,7 +42,7 @@ def clipped_policy_loss(
         log_prob: ``[B]`` log-prob of the recorded transition under the current policy (with grad).
         old_log_prob: ``[B]`` log-prob recorded at sampling time.
         advantages: ``[B]`` or ``[B, R]`` group-normalised advantages.
-        clip_range: ``eps > 0``; PISCES/Flow-GRPO use a tiny value such as ``1e-4``.
+        clip_range: ``eps > 0`` (``train.epsilon``); PISCES/Flow-GRPO use a tiny value such as ``1e-4``.
         weights: ``[R]`` reward weights for ``[B, R]`` advantages (default all 1); must be None for ``[B]``.
 
     Returns:
@@ -58,7 +59,7 @@ def clipped_policy_loss(
         raise ValueError(f"advantages must be [B] or [B, R] with B = {log_prob.shape[0]}, got shape "
                          f"{tuple(advantages.shape)}")
     if not clip_range > 0:
-        raise ValueError(f"clip_range must be > 0, got {clip_range} (set train.clip_range)")
+        raise ValueError(f"clip_range must be > 0, got {clip_range} (set train.epsilon)")
 
     old = old_log_prob.detach().to(log_prob.dtype)
     adv = advantages.detach().to(device=log_prob.device, dtype=log_prob.dtype)
@@ -99,54 +100,98 @@ def _per_sample_mean(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], -1).mean(dim=1) if x.dim() > 1 else x
 
 
-def gaussian_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: Union[float, torch.Tensor]) -> torch.Tensor:
-    """KL between two Gaussian SDE steps that share their standard deviation, per sample.
+def _as_column(value: Union[float, torch.Tensor], like: torch.Tensor, name: str) -> torch.Tensor:
+    """A float, 0-d, ``[B]`` or broadcastable tensor as a tensor that broadcasts against ``like`` ``[B, ...]``."""
+    t = torch.as_tensor(value, dtype=like.dtype, device=like.device)
+    if t.dim() == 1 and t.shape[0] == like.shape[0] and like.dim() > 1:
+        t = t.reshape(-1, *([1] * (like.dim() - 1)))                        # [B] -> [B, 1, ..., 1]
+    try:
+        torch.broadcast_shapes(t.shape, like.shape)
+    except RuntimeError:
+        raise ValueError(f"{name} of shape {tuple(t.shape)} does not broadcast against mean of shape "
+                         f"{tuple(like.shape)}; pass a float, [B], or a broadcastable tensor") from None
+    return t
 
-    For ``p = N(mu, sigma^2 I)`` (policy) and ``q = N(mu_ref, sigma^2 I)`` (reference, LoRA disabled)::
 
-        KL(p || q) = ||mu - mu_ref||^2 / (2 sigma^2)            (summed over the d elements)
-        returned   = mean_d (mu - mu_ref)^2 / (2 sigma^2)        -> [B]   (averaged over the d elements)
+def gaussian_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: Union[float, torch.Tensor],
+                dt: Optional[Union[float, torch.Tensor]] = None, noise_block: int = 1) -> torch.Tensor:
+    """KL between the policy's and the reference model's Gaussian SDE steps (shared std), per sample.
 
-    i.e. the summed KL divided by ``d``, matching a step log-prob averaged over dimensions.
+    One SDE step is ``x' ~ N(mu, std^2 I)`` with ``std = g * sqrt(|dt|)``: ``g`` is the diffusion coefficient
+    (Flow-GRPO: ``g = s_t = eta * sqrt(sigma / (1 - sigma))``; DanceGRPO/PISCES: ``g = eta``) and ``dt`` the
+    step in noise level. For ``p = N(mu, std^2 I)`` (policy) and ``q = N(mu_ref, std^2 I)`` (LoRA disabled)::
+
+        exact   (dt=None):  mean_d (mu - mu_ref)^2 / (2 std^2)                        -> [B]
+        anchor  (dt given): mean_d (mu - mu_ref)^2 / (2 std^2 / |dt|)  = |dt| * exact  -> [B]
+
+    The *anchor* form divides by ``g^2 = std^2 / |dt|``, as Flow-GRPO does: its ``sde_step_with_logprob``
+    returns ``std_dev_t = s_t`` (without ``sqrt(-dt)``) and ``train_sd3.py`` computes
+    ``kl_loss = ((prev_sample_mean - prev_sample_mean_ref) ** 2).mean(dim=(1,2,3)) / (2 * std_dev_t ** 2)``
+    (yifan123/flow_grpo, ``flow_grpo/diffusers_patch/sd3_sde_with_logprob.py`` and ``scripts/train_sd3.py``).
+    Published ``beta`` values (Flow-GRPO 0.004--0.04) are on that scale; the GRPO trainer uses it. Taking the
+    step's own ``std`` and ``dt`` keeps the convention defined for any SDE (``sampling.sde_type``): the exact
+    KL is ``anchor / |dt|``, 7 to 55 times larger on typical 16--20 step grids.
+
+    "mean_d" averages over the latent's elements, like the step log-prob (Flow-GRPO), so the value does not
+    grow with the video size. With ``noise_block = k > 1`` the step's density lives on the ``k x k``
+    block-constant subspace (:mod:`pisces_rl.rollout.sde`): only the block-averaged mean difference counts,
+    ``U^T (mu - mu_ref) = k * avgpool_k(mu - mu_ref)``, averaged over the ``k^2`` times fewer coordinates.
+    Then ``exact == log p(mu) - log q(mu)`` with the rollout's own step log-probs.
 
     Args:
-        mean: ``[B, ...]`` policy mean of the next latent (with grad).
+        mean: ``[B, C, F, h, w]`` (any ``[B, ...]``) policy mean of the next latent (with grad).
         ref_mean: ``[B, ...]`` reference mean; detached here (no gradient flows into the reference).
-        std: sigma -- a float, a 0-d tensor, a ``[B]`` tensor (one sigma per sample) or any tensor that
-            broadcasts against ``mean``. Must be positive.
+        std: the step's transition std -- a float, 0-d, ``[B]`` (one per sample) or broadcastable tensor; > 0.
+        dt: ``sigma_next - sigma`` of the step (sign ignored) -- same forms as ``std``; ``None`` = exact KL.
+        noise_block: ``k`` of the rollout's low-dimensional exploration (1 = every element); must divide the
+            last two dimensions.
 
     Returns:
-        ``[B]`` KL per sample (>= 0, zero when the means agree).
+        ``[B]`` KL per sample (>= 0, zero when the (block-averaged) means agree).
+
+    Example::
+
+        >>> mu, ref = torch.zeros(1, 4), torch.full((1, 4), 0.2)
+        >>> gaussian_kl(mu, ref, std=0.1, dt=-0.04)     # 0.04 / (2 * 0.01 / 0.04)
+        tensor([0.0800])
     """
     if mean.shape != ref_mean.shape:
         raise ValueError(f"mean shape {tuple(mean.shape)} != ref_mean shape {tuple(ref_mean.shape)}")
     if mean.dim() == 0:
         raise ValueError("mean must have a batch dimension [B, ...]")
-    sigma = torch.as_tensor(std, dtype=mean.dtype, device=mean.device)
-    if sigma.dim() == 1 and sigma.shape[0] == mean.shape[0] and mean.dim() > 1:
-        sigma = sigma.reshape(-1, *([1] * (mean.dim() - 1)))                 # [B] -> [B, 1, ..., 1]
-    try:
-        torch.broadcast_shapes(sigma.shape, mean.shape)
-    except RuntimeError:
-        raise ValueError(f"std of shape {tuple(sigma.shape)} does not broadcast against mean of shape "
-                         f"{tuple(mean.shape)}; pass a float, [B], or a broadcastable tensor") from None
+    sigma = _as_column(std, mean, "std")
     if (sigma.detach() <= 0).any():
         raise ValueError("std must be > 0 for the KL term (a deterministic eta = 0 step has no KL); "
-                         "sample with sampling.eta > 0 or set train.kl_beta = 0")
+                         "sample with sampling.eta > 0 or set train.beta = 0")
+    scale = 2.0 * sigma * sigma                                               # 2 std^2
+    if dt is not None:
+        step = _as_column(dt, mean, "dt").abs()
+        if (step.detach() <= 0).any():
+            raise ValueError("dt must be non-zero (sigma_next - sigma of the step)")
+        scale = scale / step                                                  # 2 g^2 = 2 std^2 / |dt|
     diff = mean - ref_mean.detach()
-    return _per_sample_mean(diff * diff / (2.0 * sigma * sigma))
+    k = int(noise_block)
+    if k > 1:
+        if diff.dim() < 3 or diff.shape[-1] % k or diff.shape[-2] % k:
+            raise ValueError(f"noise_block={k} must divide the latent height and width {tuple(diff.shape[-2:])}")
+        *lead, h, w = diff.shape
+        diff = diff.reshape(*lead, h // k, k, w // k, k).mean(dim=(-3, -1)) * k   # U^T (mu - mu_ref)
+    elif k < 1:
+        raise ValueError(f"noise_block must be >= 1, got {noise_block}")
+    return _per_sample_mean(diff * diff / scale)
 
 
 def pseudo_huber(x: torch.Tensor, y: torch.Tensor, c: float = 0.001) -> torch.Tensor:
-    """Pseudo-Huber distance per sample (consistency-distillation loss ``L_CD``)::
+    """Pseudo-Huber distance per sample (consistency-distillation loss ``L_CD``), element-wise::
 
-        L(x, y) = sqrt( ||x - y||^2 / d + c^2 ) - c             -> [B],  d = elements per sample
+        L(x, y) = mean_d( sqrt((x - y)^2 + c^2) - c )             -> [B],  d = elements per sample
 
-    The squared norm is divided by ``d`` (a per-element mean), so ``c`` is on the scale of one element
-    and the loss does not grow with resolution; the un-normalised form ``sqrt(||x-y||^2 + c'^2) - c'``
-    of Song & Dhariwal (2023) corresponds to ``c' = c * sqrt(d)`` and a result ``sqrt(d)`` times larger.
-    ``L`` is 0 when ``x == y``, behaves like ``||x-y||^2 / (2 c d)`` for small and like the RMS distance
-    for large differences, and is smooth everywhere (``c > 0``).
+    The form of the PISCES code (roar-ai/pisces ``fastvideo/distill_grpo.py``:
+    ``torch.mean(torch.sqrt((model_pred - target) ** 2 + huber_c ** 2) - huber_c)``, ``huber_c = 0.001``),
+    diffusers' LCM scripts (``examples/consistency_distillation/train_lcm_distill_*.py``, ``--loss_type huber``)
+    and FastVideo: each element behaves like ``(x-y)^2 / (2c)`` for ``|x-y| << c`` and like ``|x-y|`` above
+    (L1-like), and the loss is smooth everywhere (``c > 0``). Averaging over the ``d`` elements keeps ``c`` on
+    the scale of one element and the loss independent of resolution; their batch mean is ``L.mean()``.
 
     Args:
         x: ``[B, ...]`` prediction (with grad).
@@ -159,6 +204,6 @@ def pseudo_huber(x: torch.Tensor, y: torch.Tensor, c: float = 0.001) -> torch.Te
     if x.dim() == 0:
         raise ValueError("x must have a batch dimension [B, ...]")
     if not c > 0:
-        raise ValueError(f"c must be > 0 (c = 0 is the RMS distance, not differentiable at 0), got {c}")
+        raise ValueError(f"c must be > 0 (c = 0 is the L1 distance, not differentiable at 0), got {c}")
     diff = x - y
-    return torch.sqrt(_per_sample_mean(diff * diff) + c * c) - c
+    return _per_sample_mean(torch.sqrt(diff * diff + c * c) - c)
