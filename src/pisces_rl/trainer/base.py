@@ -28,7 +28,7 @@ from .accel import build_accelerator, gather_lora_state_dict, zero_stage
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .evaluation import EvalResult, eval_series, evaluate_policy, resolve_judge
 from .figures import plot_reward_curves, save_captioned_grid
-from .model_card import hub_repo_name, push_to_hub, write_model_card
+from .model_card import create_hub_repo, hub_repo_name, upload_to_hub, write_model_card
 from .tracking import format_summary, init_trackers, progress_postfix, save_video_grid
 
 logger = logging.getLogger("pisces_rl.trainer")
@@ -176,6 +176,8 @@ class TrainerBase:
         """History, trackers (every ``logging.log_every``), held-out evaluation (every ``logging.eval_every``)
         and the progress bar: total reward, each component, KL/CD when on, loss, videos/s, skip counts."""
         lc, last = self.config.logging, self.config.train.max_steps
+        if self.before is not None and not getattr(self, "_before_logged", False):  # first, so steps increase (wandb)
+            self._log_eval(self.before.metrics, 0)
         for k, v in metrics.items():
             self.history.setdefault(k, []).append(v)
         if self.step % max(1, lc.log_every) == 0 or self.step == last:
@@ -191,8 +193,14 @@ class TrainerBase:
         self.history.setdefault("eval/iteration", []).append(float(iteration))
         for k, v in metrics.items():
             self.history.setdefault(f"eval/{k}", []).append(float(v))
-        self.accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=iteration)
+        self._log_eval(metrics, iteration)
         self._announce(f"evaluation at iteration {iteration}", metrics)
+
+    def _log_eval(self, metrics: Mapping[str, float], iteration: int) -> None:
+        """An evaluation to the trackers as ``eval/<metric>`` at ``iteration`` (0 = the base model)."""
+        self.accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=iteration)
+        if iteration == 0:
+            self._before_logged = True
 
     def evaluate(self, base_model: bool = False) -> EvalResult:
         """The eval prompts sampled deterministically (η = 0, same noise every time) and scored by the rewards
@@ -266,8 +274,9 @@ class TrainerBase:
         lora_dir = os.path.join(out, "lora")
         self.save_lora(lora_dir)
         acc.wait_for_everyone()
-        acc.log({f"eval/{k}": v for k, v in before.metrics.items()}, step=0)
-        acc.log({f"eval/{k}": v for k, v in after.metrics.items()}, step=self.step)
+        if not getattr(self, "_before_logged", False):  # a resumed run evaluates its base model only now
+            self._log_eval(before.metrics, 0)
+        self._log_eval(after.metrics, self.step)
         if not acc.is_main_process:
             acc.end_training()
             return
@@ -307,7 +316,7 @@ class TrainerBase:
         name = hub_repo_name(out, getattr(t, "hub_model_id", None))
         if push:
             try:
-                repo = push_to_hub(lora_dir, name, create_only=True)
+                repo = create_hub_repo(name)
             except Exception as err:  # noqa: BLE001 - reported below, after every output is written
                 push_error = err
         card = write_model_card(
@@ -324,7 +333,7 @@ class TrainerBase:
               f"  tensorboard --logdir {out}")
         if push and push_error is None:
             try:
-                push_to_hub(lora_dir, repo, commit_message=f"pisces_rl {self.name}: {self.step} iterations")
+                upload_to_hub(lora_dir, repo, commit_message=f"pisces_rl {self.name}: {self.step} iterations")
                 print(f"  pushed to https://huggingface.co/{repo}")
             except Exception as err:  # noqa: BLE001
                 push_error = err

@@ -188,11 +188,12 @@ def _mark_before_after(ax, xs, ys) -> None:
     """Write 'base' at the first evaluation point and 'trained' at the last one."""
     if not xs:
         return
-    points = [(0, "base")] + ([(len(xs) - 1, "trained")] if len(xs) > 1 else [])
-    for i, label in points:
+    points = [(0, "base", 4, "left")] + ([(len(xs) - 1, "trained", -4, "right")] if len(xs) > 1 else [])
+    for i, label, dx, align in points:
         y = float(ys[i])
         if math.isfinite(y):
-            ax.annotate(f"{label} {y:.3g}", (xs[i], y), textcoords="offset points", xytext=(4, 6), fontsize=7)
+            ax.annotate(f"{label} {y:.3g}", (xs[i], y), textcoords="offset points", xytext=(dx, 6), ha=align,
+                        fontsize=7)
 
 
 # ----------------------------------------------------------------------------- captioned video grids
@@ -275,7 +276,7 @@ def captioned_grid_frames(rows: Sequence[torch.Tensor], column_labels: Sequence[
     title_h = line_h + pad if title else 0
     ncol = min(b, max(1, int(max_columns)))
     blocks = math.ceil(b / ncol)
-    block_h = cap_h + len(rows) * (ch + pad)
+    block_h = cap_h + len(rows) * (ch + pad) + (2 * pad if b > ncol else 0)  # blocks set apart
     width = label_w + ncol * cw + (ncol + 1) * pad
     height = title_h + blocks * block_h + pad
     canvas = Image.new("RGB", (width, height), (255, 255, 255))

@@ -6,8 +6,9 @@ is a Hub id), ``pipeline_tag: text-to-video`` and tags added with ``populate_mod
 the sample, a ``pipe.load_lora_weights`` snippet, the rewards and weights, the evaluation table and the
 run's config. Writing it needs no network.
 
-:func:`push_to_hub` creates the repo (``HfApi.create_repo``, ``exist_ok=True``) and uploads the LoRA folder
-(``HfApi.upload_folder``), as diffusers' examples do at the end of training.
+:func:`push_to_hub` creates the repo (:func:`create_hub_repo`: ``HfApi.create_repo``, ``exist_ok=True``) and
+uploads the LoRA folder (:func:`upload_to_hub`: ``HfApi.upload_folder``), as diffusers' examples do at the end
+of training.
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from typing import Any, Mapping, Optional, Sequence
 
 import yaml
 
-__all__ = ["write_model_card", "push_to_hub", "hub_repo_name", "is_hub_id", "REWARD_DESCRIPTIONS"]
+__all__ = ["write_model_card", "push_to_hub", "create_hub_repo", "upload_to_hub", "hub_repo_name", "is_hub_id",
+           "REWARD_DESCRIPTIONS"]
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -161,17 +163,24 @@ def write_model_card(directory: str, *, base_model: str, pipeline_class: str, tr
     return path
 
 
-def push_to_hub(folder: str, repo_id: str, commit_message: str = "End of training", token: Optional[str] = None,
-                create_only: bool = False) -> str:
-    """Create the Hub repo (if needed) and upload ``folder`` to it; returns the full repo id.
-
-    ``create_only=True`` stops after ``create_repo`` (to learn the full id, e.g. ``user/name`` for a bare
-    ``name``). Needs a token (``huggingface-cli login`` or ``HF_TOKEN``).
-    """
+def create_hub_repo(repo_id: str, token: Optional[str] = None) -> str:
+    """``HfApi.create_repo(repo_id, exist_ok=True)``; returns the full id (``user/name`` for a bare ``name``).
+    Needs a token (``huggingface-cli login`` or ``HF_TOKEN``)."""
     from huggingface_hub import HfApi
 
-    api = HfApi(token=token)
-    full_id = api.create_repo(repo_id=repo_id, exist_ok=True).repo_id
-    if not create_only:
-        api.upload_folder(repo_id=full_id, folder_path=folder, commit_message=commit_message)
+    return HfApi(token=token).create_repo(repo_id=repo_id, exist_ok=True).repo_id
+
+
+def upload_to_hub(folder: str, repo_id: str, commit_message: str = "End of training",
+                  token: Optional[str] = None) -> None:
+    """``HfApi.upload_folder``: every file of ``folder`` into the existing repo ``repo_id``."""
+    from huggingface_hub import HfApi
+
+    HfApi(token=token).upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)
+
+
+def push_to_hub(folder: str, repo_id: str, commit_message: str = "End of training", token: Optional[str] = None) -> str:
+    """Create the Hub repo (if needed) and upload ``folder`` to it; returns the full repo id."""
+    full_id = create_hub_repo(repo_id, token)
+    upload_to_hub(folder, full_id, commit_message, token)
     return full_id
