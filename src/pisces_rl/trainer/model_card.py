@@ -141,7 +141,7 @@ def write_model_card(directory: str, *, base_model: str, pipeline_class: str, tr
             before, after = row.get("before"), row.get("after")
             delta = None if before is None or after is None else float(after) - float(before)
             lines.append(f"| {metric} | {_num(before)} | {_num(after)} | "
-                         f"{'-' if delta is None else ('+' if delta > 0 else '') + _num(delta)} |")
+                         f"{'-' if delta is None or math.isnan(delta) else f'{delta:+.4f}'} |")
         lines += [""]
     lines += ["## Training", "",
               f"- paradigm: {trainer}; iterations: {steps}; learning rate: {train.get('learning_rate', '?')}",
