@@ -5,6 +5,7 @@ Subcommands::
     pisces-rl fit-ot-map --dataset DATA --output DIR [--encoder tiny|PATH] [--map neural|l2] [--steps N] ...
     pisces-rl world build [--profile full|quick] [--cache DIR] [--force] [--threads N]
     pisces-rl world info [--cache DIR]
+    pisces-rl generate --lora DIR --prompt TEXT [--prompt TEXT ...] [--config YAML] [--pretrained P] [--out FILE]
 
 Run ``pisces-rl SUBCOMMAND --help`` for the options. ``main(argv)`` returns the exit status (0 = success,
 1 = a problem with the inputs, reported on stderr as one line; 2 = bad command-line usage).
@@ -12,10 +13,11 @@ Run ``pisces-rl SUBCOMMAND --help`` for the options. ``main(argv)`` returns the 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Optional, Sequence
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "generate_videos"]
 
 
 def _positive_int(text: str) -> int:
@@ -150,6 +152,139 @@ def _run_world_info(args) -> int:
     return 0
 
 
+def _add_generate(subparsers) -> None:
+    p = subparsers.add_parser(
+        "generate", help="sample videos from the base model with a trained LoRA",
+        description="Load the base pipeline ('tiny', 'shapes', a diffusers directory or a hub id), apply the LoRA "
+                    "with diffusers' pipe.load_lora_weights (fused at --lora-scale) and sample deterministically "
+                    "(eta = 0) from seeded noise: the sampler of a training run's evaluation, so a run's seed, "
+                    "batch size and evaluation prompts reproduce its 'trained' videos. Settings come from --config "
+                    "(default: the config.yaml of the run whose lora/ folder --lora names), then from the flags.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--prompt", action="append", required=True, help="text prompt; repeat for several videos")
+    p.add_argument("--lora", default=None, help="LoRA folder (a run's lora/) or hub id; omit for the base model")
+    p.add_argument("--lora-scale", type=float, default=1.0, help="strength of the LoRA update")
+    p.add_argument("--config", default=None, help="run or recipe YAML whose model and sampling sections are used")
+    p.add_argument("--pretrained", default=None, help="overrides model.pretrained: tiny, shapes, a directory or hub id")
+    p.add_argument("--num-frames", type=_positive_int, default=None, help="overrides sampling.num_frames")
+    p.add_argument("--height", type=_positive_int, default=None, help="overrides sampling.height")
+    p.add_argument("--width", type=_positive_int, default=None, help="overrides sampling.width")
+    p.add_argument("--steps", type=_positive_int, default=None, help="overrides sampling.num_inference_steps")
+    p.add_argument("--guidance-scale", type=float, default=None, help="overrides sampling.guidance_scale")
+    p.add_argument("--seed", type=int, default=None, help="noise seed (default: the config's train.seed, else 0)")
+    p.add_argument("--batch-size", type=_positive_int, default=None,
+                   help="videos per sampling call (default: the config's train.sample_batch_size, else all)")
+    p.add_argument("--out", default="video.gif", help=".gif or .mp4; several prompts without --captioned give "
+                                                      "one file each (video_0.gif, video_1.gif, ...)")
+    p.add_argument("--captioned", action="store_true",
+                   help="one grid with each prompt written above its video, upscaled to --cell-size pixels")
+    p.add_argument("--cell-size", type=_positive_int, default=256, help="pixels per video side with --captioned")
+    p.add_argument("--fps", type=float, default=8.0)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.set_defaults(run=_run_generate)
+
+
+def _generation_settings(args):
+    """(ModelConfig, SamplingConfig, train section dict, config path) from --config / the run dir, then flags."""
+    from pisces_rl.config import ConfigError, ModelConfig, SamplingConfig, load_yaml
+    from pisces_rl.config.base import from_dict
+
+    path = args.config
+    if path is None and args.lora and os.path.isdir(args.lora):
+        candidate = os.path.join(os.path.dirname(os.path.abspath(args.lora)), "config.yaml")
+        path = candidate if os.path.isfile(candidate) else None
+    data = load_yaml(path) if path else {}
+    model = from_dict(ModelConfig, data.get("model") or {}, "model")
+    sampling = from_dict(SamplingConfig, data.get("sampling") or {}, "sampling")
+    if args.pretrained is not None:
+        model.pretrained = args.pretrained
+    model.lora_path = None  # the LoRA comes from --lora
+    for flag, name in (("num_frames", "num_frames"), ("height", "height"), ("width", "width"),
+                       ("steps", "num_inference_steps"), ("guidance_scale", "guidance_scale")):
+        if getattr(args, flag) is not None:
+            setattr(sampling, name, getattr(args, flag))
+    for prefix, section in (("model", model), ("sampling", sampling)):
+        try:
+            section.validate()
+        except ConfigError as err:
+            raise err.under(prefix) from None
+    return model, sampling, dict(data.get("train") or {}), path
+
+
+def generate_videos(prompts: Sequence[str], model, sampling, lora: Optional[str] = None, lora_scale: float = 1.0,
+                    seed: int = 0, batch_size: Optional[int] = None, device=None):
+    """Videos ``[B, F, C, H, W]`` in [0, 1] (CPU) for ``prompts``, sampled with η = 0 from ``seed``.
+
+    The base pipeline is built as ``build_policy`` does (``model``: a ``ModelConfig``); the LoRA folder or
+    hub id ``lora`` is applied with ``pipe.load_lora_weights`` and fused at ``lora_scale``. Noise is drawn
+    batch by batch (``batch_size`` prompts per call) from one generator, as
+    :func:`pisces_rl.trainer.evaluation.evaluate_policy` does, so the same seed, batches and prompts give
+    the same videos as a run's evaluation.
+    """
+    import dataclasses
+
+    import torch
+
+    from pisces_rl.models import VideoPolicy, get_family, resolve_dtype
+    from pisces_rl.rollout import sample_rollout
+    from pisces_rl.trainer.model_card import is_hub_id
+
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = resolve_dtype(model.dtype) if dev.type != "cpu" else torch.float32
+    family = get_family(model.family)
+    if model.pretrained == "tiny":
+        pipe = family.build_tiny_pipeline(seed=model.seed)
+    else:
+        pretrained = model.pretrained
+        if pretrained == "shapes":
+            from pisces_rl.worlds.shapes.build import resolve_world_name
+            pretrained = resolve_world_name(pretrained, "model")
+        pipe = family.load_pipeline(pretrained, torch_dtype=dtype)
+    if lora:
+        if not os.path.exists(lora) and not is_hub_id(lora):
+            raise FileNotFoundError(f"--lora {lora!r} is neither an existing folder nor a hub id 'org/name'; "
+                                    "pass the lora/ folder of a run (it holds pytorch_lora_weights.safetensors)")
+        pipe.load_lora_weights(lora)
+        pipe.fuse_lora(lora_scale=lora_scale)
+        pipe.unload_lora_weights()
+    # sampling goes through the training code path; its fresh adapter starts at zero (B = 0), a no-op
+    policy = VideoPolicy(pipe, family, lora_rank=model.lora_rank, lora_alpha=model.lora_alpha,
+                         lora_target_modules=model.lora_target_modules, dtype=dtype, device=dev, seed=model.seed)
+    policy.transformer.eval()
+    det = dataclasses.replace(sampling, eta=0.0)
+    prompts = list(prompts)
+    step = batch_size or len(prompts)
+    gen = torch.Generator().manual_seed(int(seed))
+    with torch.no_grad():
+        return torch.cat([sample_rollout(policy, prompts[i:i + step], det, generator=gen).videos.float().cpu()
+                          for i in range(0, len(prompts), step)])
+
+
+def _run_generate(args) -> int:
+    from pisces_rl.trainer.figures import save_captioned_grid
+    from pisces_rl.trainer.tracking import save_video
+
+    model, sampling, train, path = _generation_settings(args)
+    seed = args.seed if args.seed is not None else int(train.get("seed", 0))
+    batch = args.batch_size or train.get("sample_batch_size")
+    if path:
+        print(f"settings from {path}")
+    videos = generate_videos(args.prompt, model, sampling, lora=args.lora, lora_scale=args.lora_scale, seed=seed,
+                             batch_size=batch, device=args.device)
+    if args.captioned:
+        written = [save_captioned_grid([videos], args.out, column_labels=args.prompt, cell_size=args.cell_size,
+                                       fps=args.fps)]
+    elif len(videos) == 1:
+        written = [save_video(videos[0], args.out, fps=args.fps)]
+    else:
+        stem, ext = os.path.splitext(args.out)
+        written = [save_video(v, f"{stem}_{i}{ext}", fps=args.fps) for i, v in enumerate(videos)]
+    _, f, _, h, w = videos.shape
+    print(f"wrote {', '.join(written)} ({len(videos)} video{'s' if len(videos) > 1 else ''}, {f} frames "
+          f"{h}x{w}, seed {seed}; base {model.pretrained}, LoRA {args.lora or 'none'})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``pisces-rl`` argument parser (one sub-parser per subcommand)."""
     parser = argparse.ArgumentParser(prog="pisces-rl", description="PISCES reward post-training tools")
@@ -157,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers.required = True
     _add_fit_ot_map(subparsers)
     _add_world(subparsers)
+    _add_generate(subparsers)
     return parser
 
 
@@ -165,7 +301,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (FileNotFoundError, ValueError, ImportError) as exc:
+    except (OSError, ValueError, ImportError) as exc:
         print(f"pisces-rl {args.command}: error: {exc}", file=sys.stderr)
         return 1
 

@@ -25,6 +25,7 @@ MODEL_SOURCES = ("tiny", "shapes")  # model.pretrained names resolved in code, n
 ENCODER_SOURCES = ("tiny", "shapes")  # rewards.encoder names resolved in code
 OT_MAP_SOURCES = ("shapes", "shapes:l2")  # rewards.ot_map names of the ShapesWorld maps (neural OT / L2 baseline)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HUB_REPO = re.compile(r"^([A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")  # train.hub_model_id: 'user/name' or 'name'
 
 
 def _check_source(key: str, value: Optional[str], names: tuple = (), what: str = "directory") -> None:
@@ -221,6 +222,10 @@ class TrainConfig(ConfigBase):
     max_grad_norm: float = option(1.0, "gradient-norm clipping threshold")
     mixed_precision: str = option("no", "autocast dtype of forward passes", choices=("no", "bf16", "fp16"))
     seed: int = option(42, "seed of prompt order, sampling noise and timestep subsets")
+    push_to_hub: bool = option(False, "at the end, upload output_dir/lora (weights, model card, before/after video) "
+                                      "to the Hugging Face Hub (needs `huggingface-cli login` or HF_TOKEN)")
+    hub_model_id: Optional[str] = option(None, "Hub repo of push_to_hub, 'user/name' or 'name' (null = the name of "
+                                               "output_dir)")
 
     def _check(self) -> None:
         _positive(self, "max_steps", "prompts_per_step", "sample_batch_size", "train_batch_size",
@@ -235,6 +240,8 @@ class TrainConfig(ConfigBase):
         require(g is None or (math.isfinite(g) and g >= 0), "cd_guidance_scale", f"must be >= 0 or null, got {g}")
         for i, beta in enumerate(self.adam_betas):
             require(0 <= beta < 1, f"adam_betas[{i}]", f"must be in [0, 1), got {beta}")
+        require(self.hub_model_id is None or bool(_HUB_REPO.match(self.hub_model_id)), "hub_model_id",
+                f"{self.hub_model_id!r} is not a Hub repo name; use 'user/name' or 'name' (letters, digits, -_.)")
 
 
 @dataclass
@@ -270,6 +277,13 @@ class LoggingConfig(ConfigBase):
     project_name: str = option("pisces_rl", "tracker project name")
     judge: str = option("none", "programmatic judge of the evaluation videos, never seen by a reward: 'none', "
                                 "'shapesbench' (ShapesWorld) or 'package.module:function'")
+    eval_every: int = option(0, "iterations between evaluations on the held-out prompts during training (0 = only "
+                                "before and after); each logs eval/reward/... (and eval/judge/...) and adds a "
+                                "point to reward_curve.png")
+    curve_smoothing: float = option(0.6, "EMA weight of the smoothed training curves in reward_curve.png, in "
+                                         "[0, 1) (TensorBoard's debiased EMA and default; 0 = raw)")
+    video_cell_size: int = option(256, "before_after video: each video upscaled (nearest neighbour) to at least "
+                                       "this many pixels per side")
 
     def _check(self) -> None:
         require(self.judge in ("none", "shapesbench") or ":" in self.judge, "judge",
@@ -277,6 +291,9 @@ class LoggingConfig(ConfigBase):
         _positive(self, "log_every")
         _positive(self, "sample_every", zero_ok=True)
         require(self.project_name.strip() != "", "project_name", "is empty")
+        _positive(self, "eval_every", zero_ok=True)
+        require(0 <= self.curve_smoothing < 1, "curve_smoothing", f"must be in [0, 1), got {self.curve_smoothing}")
+        _positive(self, "video_cell_size")
 
 
 @dataclass

@@ -195,8 +195,11 @@ class BackpropTrainer(TrainerBase):
             self.ema.update()
         metrics = {f"train/{k}": sum(v) / len(v) for k, v in stats.items()}
         metrics["train/grad_norm"] = grad_norm
+        names = outputs[0].names
         scores = RewardOutput(torch.cat([o.scores for o in outputs]).detach(),
-                              torch.cat([o.total for o in outputs]).detach(), outputs[0].names, outputs[0].weights)
+                              torch.cat([o.total for o in outputs]).detach(), names, outputs[0].weights,
+                              skipped={n: sum(o.skipped.get(n, 0) for o in outputs) for n in names},
+                              not_applicable={n: sum(o.not_applicable.get(n, 0) for o in outputs) for n in names})
         metrics.update(self._reward_metrics(scores))
         return metrics
 

@@ -23,11 +23,13 @@ import torch
 from ..config import save_yaml
 from ..data import GroupSampler, load_prompts
 from ..models import build_policy
-from ..rewards import RewardServer, build_reward_server
+from ..rewards import RewardOutput, RewardServer, build_reward_server
 from .accel import build_accelerator, gather_lora_state_dict, zero_stage
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
-from .evaluation import EvalResult, evaluate_policy, resolve_judge
-from .tracking import format_summary, init_trackers, plot_curve, save_video_grid
+from .evaluation import EvalResult, eval_series, evaluate_policy, resolve_judge
+from .figures import plot_reward_curves, save_captioned_grid
+from .model_card import create_hub_repo, hub_repo_name, upload_to_hub, write_model_card
+from .tracking import format_summary, init_trackers, progress_postfix, save_video_grid
 
 logger = logging.getLogger("pisces_rl.trainer")
 
@@ -147,17 +149,21 @@ class TrainerBase:
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm) if norm is not None else float("nan")
 
-    def _reward_metrics(self, scores) -> dict[str, float]:
-        """Every reward component's mean/std over all processes (NaN = not applicable, left out)."""
+    def _reward_metrics(self, scores: RewardOutput) -> dict[str, float]:
+        """Every number of ``RewardOutput.metrics()`` over all processes: per reward and for the total the
+        mean/std of the available samples (NaN = not applicable or skipped, left out); per reward the
+        ``skipped`` and ``not_applicable`` counts, and ``reward/total/nan`` (also as ``reward/nan_samples``)."""
         acc = self.accelerator
         allscores = acc.gather(scores.scores.float().to(acc.device).contiguous()).cpu()  # [B*np, R]
         total = acc.gather(scores.total.float().to(acc.device).contiguous()).cpu()       # [B*np]
-        out = {}
-        for name, col in [*zip(scores.names, allscores.T), ("total", total)]:
-            col = col[~torch.isnan(col)]
-            out[f"reward/{name}/mean"] = col.mean().item() if len(col) else float("nan")
-            out[f"reward/{name}/std"] = col.std(unbiased=False).item() if len(col) else float("nan")
-        out["reward/nan_samples"] = float(torch.isnan(total).sum())
+        counts = torch.tensor([[scores.skipped.get(n, 0), scores.not_applicable.get(n, 0)] for n in scores.names],
+                              dtype=torch.float32).reshape(-1)                             # [R*2]
+        counts = acc.gather(counts.to(acc.device)).cpu().view(-1, len(scores.names), 2).sum(0)  # [R, 2]
+        gathered = RewardOutput(allscores, total, list(scores.names), scores.weights,
+                                skipped={n: int(c[0]) for n, c in zip(scores.names, counts)},
+                                not_applicable={n: int(c[1]) for n, c in zip(scores.names, counts)})
+        out = {k: float(v) for k, v in gathered.metrics().items()}
+        out["reward/nan_samples"] = out["reward/total/nan"]
         return out
 
     def _timing(self, t0: float) -> dict[str, float]:
@@ -167,13 +173,34 @@ class TrainerBase:
                 "train/lr": self.scheduler.get_last_lr()[0]}
 
     def _log(self, metrics: dict[str, float], bar) -> None:
+        """History, trackers (every ``logging.log_every``), held-out evaluation (every ``logging.eval_every``)
+        and the progress bar: total reward, each component, KL/CD when on, loss, videos/s, skip counts."""
+        lc, last = self.config.logging, self.config.train.max_steps
+        if self.before is not None and not getattr(self, "_before_logged", False):  # first, so steps increase (wandb)
+            self._log_eval(self.before.metrics, 0)
         for k, v in metrics.items():
             self.history.setdefault(k, []).append(v)
-        if self.step % max(1, self.config.logging.log_every) == 0 or self.step == self.config.train.max_steps:
+        if self.step % max(1, lc.log_every) == 0 or self.step == last:
             self.accelerator.log(metrics, step=self.step)
+        if lc.eval_every and self.step % lc.eval_every == 0 and self.step < last and self.eval_prompts:
+            self._record_eval(self.evaluate().metrics, self.step)  # the last point is _finish's "after"
+        bar.set_postfix(progress_postfix(metrics), refresh=False)
         bar.update(1)
-        bar.set_postfix({"reward": f"{metrics.get('reward/total/mean', float('nan')):.4f}",
-                         "loss": f"{metrics.get('train/loss', float('nan')):.3g}"})
+
+    def _record_eval(self, metrics: Mapping[str, float], iteration: int) -> None:
+        """Keep an evaluation during training in the history (``eval/iteration``, ``eval/<metric>``; saved in
+        checkpoints) and log it as ``eval/<metric>`` at ``iteration``."""
+        self.history.setdefault("eval/iteration", []).append(float(iteration))
+        for k, v in metrics.items():
+            self.history.setdefault(f"eval/{k}", []).append(float(v))
+        self._log_eval(metrics, iteration)
+        self._announce(f"evaluation at iteration {iteration}", metrics)
+
+    def _log_eval(self, metrics: Mapping[str, float], iteration: int) -> None:
+        """An evaluation to the trackers as ``eval/<metric>`` at ``iteration`` (0 = the base model)."""
+        self.accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=iteration)
+        if iteration == 0:
+            self._before_logged = True
 
     def evaluate(self, base_model: bool = False) -> EvalResult:
         """The eval prompts sampled deterministically (η = 0, same noise every time) and scored by the rewards
@@ -235,38 +262,86 @@ class TrainerBase:
             logger.info("%s: %s", what, ", ".join(f"{k}={v:.4f}" for k, v in shown.items()))
 
     def _finish(self, metrics: dict[str, float]) -> None:
-        """Final checkpoint (unless just written), before/after evaluation and grid, curves, LoRA, summary."""
-        acc, c, out = self.accelerator, self.config.checkpoint, self.config.output_dir
+        """Final checkpoint (unless just written), before/after evaluation, LoRA weights, then on the main
+        process: the captioned before/after video, the reward curves, ``summary.json``, the model card
+        ``lora/README.md`` and, with ``train.push_to_hub``, the upload of ``lora/``."""
+        cfg, acc = self.config, self.accelerator
+        c, lc, out = cfg.checkpoint, cfg.logging, cfg.output_dir
         if not (c.save_every and self.step % c.save_every == 0):
             self._maybe_checkpoint(force=True)
         before = self.before if self.before is not None else self.evaluate(base_model=True)
         after = self.evaluate()
-        self.save_lora(os.path.join(out, "lora"))
+        lora_dir = os.path.join(out, "lora")
+        self.save_lora(lora_dir)
         acc.wait_for_everyone()
+        if not getattr(self, "_before_logged", False):  # a resumed run evaluates its base model only now
+            self._log_eval(before.metrics, 0)
+        self._log_eval(after.metrics, self.step)
         if not acc.is_main_process:
             acc.end_training()
             return
-        fmt = self.config.logging.video_format
-        save_video_grid(after.videos, os.path.join(out, "samples", f"final.{fmt}"), nrow=len(self.eval_prompts))
-        grid = save_video_grid(torch.cat([before.videos, after.videos]), os.path.join(out, f"before_after.{fmt}"),
-                               nrow=len(self.eval_prompts))
-        curves = {k: v for k, v in self.history.items()
-                  if k in ("reward/total/mean", "train/loss") or (k.startswith("reward/") and k.endswith("/mean"))}
-        curve = plot_curve(curves, os.path.join(out, "reward_curve.png"), title=f"{self.name}: rewards") if any(
-            curves.values()) else None
+        try:
+            self._write_outputs(metrics, before, after, lora_dir)
+        finally:
+            acc.end_training()
+
+    def _write_outputs(self, metrics: dict[str, float], before: EvalResult, after: EvalResult, lora_dir: str) -> None:
+        """The main process's part of :meth:`_finish`."""
+        cfg, acc = self.config, self.accelerator
+        lc, out, fmt, n = cfg.logging, cfg.output_dir, cfg.logging.video_format, len(self.eval_prompts)
+        save_video_grid(after.videos, os.path.join(out, "samples", f"final.{fmt}"), nrow=n)
+        grid = save_captioned_grid([before.videos, after.videos], os.path.join(out, f"before_after.{fmt}"),
+                                   column_labels=self.eval_prompts, row_labels=["base", "trained"],
+                                   cell_size=lc.video_cell_size)
+        evals = eval_series(self.history, before.metrics, after.metrics, self.step)
+        curve = None
+        if any(k.startswith("reward/") for k in [*self.history, *evals]):
+            t = cfg.train
+            curve = plot_reward_curves(
+                self.history, os.path.join(out, "reward_curve.png"), evals=evals, smoothing=lc.curve_smoothing,
+                title=f"{self.name}: rewards per iteration ({t.prompts_per_step} prompts x {t.group_size} videos); "
+                      f"held-out: {n} prompts")
         comparison = {k: {"before": before.metrics[k], "after": after.metrics[k]} for k in after.metrics}
+        counts = {name: {kind: sum(self.history.get(f"reward/{name}/{kind}", [])) for kind in
+                         ("skipped", "not_applicable")} for name in self.rewards.names}
+        counts["total"] = {"nan": sum(self.history.get("reward/total/nan", []))}
         summary = {"steps": self.step, "num_processes": acc.num_processes,
                    "distributed_type": str(acc.distributed_type), "zero_stage": zero_stage(acc),
                    "batch": self.batch, "metrics": metrics, "eval": comparison, "eval_prompts": self.eval_prompts,
-                   "history": self.history}
+                   "eval_points": evals, "reward_counts": counts, "history": self.history}
         with open(os.path.join(out, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2, default=float)
+        t = cfg.train
+        push, repo, push_error = bool(getattr(t, "push_to_hub", False)), None, None
+        name = hub_repo_name(out, getattr(t, "hub_model_id", None))
+        if push:
+            try:
+                repo = create_hub_repo(name)
+            except Exception as err:  # noqa: BLE001 - reported below, after every output is written
+                push_error = err
+        card = write_model_card(
+            lora_dir, base_model=cfg.model.pretrained, pipeline_class=type(self.policy.pipeline).__name__,
+            trainer=self.name, rewards=dict(zip(self.rewards.names, self.rewards.weights.tolist())),
+            evaluation=comparison, config=cfg.to_dict(), steps=self.step, eval_prompts=self.eval_prompts,
+            sample=grid, repo_id=repo, judge=lc.judge if self.judge is not None else None)
         print(format_summary(metrics))
-        print(format_summary(comparison, title=f"Evaluation on {len(self.eval_prompts)} fixed prompts "
+        print(format_summary(comparison, title=f"Evaluation on {n} fixed prompts "
                                               "(before = base model, after = trained LoRA)"))
         print(f"run directory: {out}\n  before/after videos: {grid}\n  reward curve: {curve}\n"
-              f"  LoRA: {os.path.join(out, 'lora')}  (pipe.load_lora_weights)\n  tensorboard --logdir {out}")
-        acc.end_training()
+              f"  LoRA: {lora_dir}  (pipe.load_lora_weights; model card {card})\n"
+              f"  generate: pisces-rl generate --lora {lora_dir} --prompt \"...\" --out video.gif\n"
+              f"  tensorboard --logdir {out}")
+        if push and push_error is None:
+            try:
+                upload_to_hub(lora_dir, repo, commit_message=f"pisces_rl {self.name}: {self.step} iterations")
+                print(f"  pushed to https://huggingface.co/{repo}")
+            except Exception as err:  # noqa: BLE001
+                push_error = err
+        if push_error is not None:
+            raise RuntimeError(f"train.push_to_hub: the upload of {lora_dir} to the Hub repo {repo or name!r} failed "
+                               f"({type(push_error).__name__}: {push_error}). Every output of the run is saved in "
+                               f"{out}; log in (`huggingface-cli login` or HF_TOKEN) and upload later with "
+                               f"`huggingface-cli upload {repo or name} {lora_dir}`") from push_error
 
 
 def seed_for(seed: int, step: int, process: int) -> int:

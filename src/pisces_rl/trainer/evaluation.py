@@ -18,7 +18,7 @@ import torch
 
 from ..rollout import sample_rollout
 
-__all__ = ["EvalResult", "resolve_judge", "shapesbench_judge", "evaluate_policy"]
+__all__ = ["EvalResult", "resolve_judge", "shapesbench_judge", "evaluate_policy", "eval_series"]
 
 Judge = Callable[[torch.Tensor, Sequence[str]], Mapping[str, float]]
 
@@ -79,3 +79,30 @@ def _nanmean(x: torch.Tensor) -> float:
     x = x.float()
     ok = x[~torch.isnan(x)]
     return ok.mean().item() if ok.numel() else float("nan")
+
+
+def eval_series(history: Mapping[str, Sequence[float]], before: Optional[Mapping[str, float]],
+                after: Optional[Mapping[str, float]], final_iteration: int) -> dict[str, list[float]]:
+    """The held-out evaluation points of a run, as parallel lists.
+
+    ``{"iteration": [0, i_1, ..., T], "<metric>": [...]}``: the base model (``before``) at iteration 0, the
+    evaluations during training recorded in ``history`` under ``eval/iteration`` and ``eval/<metric>``
+    (``logging.eval_every``), and the trained LoRA (``after``) at ``final_iteration``. A metric missing at
+    a point is NaN.
+    """
+    points: list[tuple[float, Mapping[str, float]]] = []
+    if before is not None:
+        points.append((0.0, before))
+    iterations = list(history.get("eval/iteration", []))
+    for i, it in enumerate(iterations):
+        points.append((float(it), {k[len("eval/"):]: v[i] for k, v in history.items()
+                                   if k.startswith("eval/") and k != "eval/iteration" and i < len(v)}))
+    if after is not None:
+        points.append((float(final_iteration), after))
+    keys: list[str] = []
+    for _, metrics in points:
+        keys += [k for k in metrics if k not in keys]
+    out: dict[str, list[float]] = {"iteration": [it for it, _ in points]}
+    for key in keys:
+        out[key] = [float(m.get(key, float("nan"))) for _, m in points]
+    return out

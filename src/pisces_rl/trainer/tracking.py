@@ -14,7 +14,8 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import numpy as np
 import torch
 
-__all__ = ["init_trackers", "save_video", "save_video_grid", "plot_curve", "format_summary", "flatten_config"]
+__all__ = ["init_trackers", "save_video", "save_video_grid", "plot_curve", "format_summary", "flatten_config",
+           "progress_postfix"]
 
 _TRACKERS = ("tensorboard", "wandb")
 
@@ -245,6 +246,29 @@ def format_summary(metrics: Mapping[str, Any], title: str = "Summary") -> str:
 
     rule = "-" * len(line(header))
     return "\n".join([title, rule, line(header), rule, *map(line, rows), rule])
+
+
+def progress_postfix(metrics: Mapping[str, Any]) -> dict[str, str]:
+    """The progress bar's numbers for one iteration's ``metrics``, in this order: the total reward, each
+    reward component (``reward/<name>/mean``; ``pkg.module:fn`` shows as ``fn``), the KL and
+    consistency-distillation terms when they are on (``train/kl``, ``train/cd_loss``), the loss, videos
+    per second, and the skipped / not-applicable reward counts when any."""
+    out: dict[str, str] = {}
+    names = [k[len("reward/"):-len("/mean")] for k in metrics if k.startswith("reward/") and k.endswith("/mean")]
+    for name in ["total"] + [n for n in names if n != "total"]:
+        value = metrics.get(f"reward/{name}/mean")
+        if value is not None:
+            out[name.rsplit(":", 1)[-1]] = f"{float(value):.4f}"
+    for key, label in (("train/kl", "kl"), ("train/cd_loss", "cd"), ("train/loss", "loss")):
+        if key in metrics:
+            out[label] = f"{float(metrics[key]):.3g}"
+    if "time/samples_per_s" in metrics:
+        out["vid/s"] = f"{float(metrics['time/samples_per_s']):.3g}"
+    for kind, label in (("skipped", "skipped"), ("not_applicable", "n/a")):
+        count = sum(float(metrics.get(f"reward/{n}/{kind}", 0) or 0) for n in names if n != "total")
+        if count > 0:
+            out[label] = f"{count:g}"
+    return out
 
 
 def setup_logging(level: int = 20) -> None:
