@@ -109,8 +109,10 @@ def pathwise_gradient(policy, params, r, w, sde_type):
 def test_grpo_gradient_points_where_the_pathwise_gradient_points(sde_type):
     """Cosine between the averaged GRPO estimator and the pathwise gradient (independent rollouts):
     > 0.5 after N = 8 groups of 32 videos, > 0.8 after 4N = 32 groups and larger at 4N than at N.
-    Measured (seeds below): flow_grpo 0.83 -> 0.93, dance_grpo 0.78 -> 0.92; a sign, step-index or
-    advantage-pairing bug gives ~0 or < 0. The trainer's std-normalised advantages give the same direction."""
+    Measured (seeds below): flow_grpo 0.83 -> 0.93, dance_grpo 0.78 -> 0.92. With the advantages shuffled
+    within the group (a pairing bug) the same run gives -0.02 -> 0.09, and a sign bug gives < 0. A step that
+    re-scores the wrong transition breaks the ratio-1 assertion. The trainer's std-normalised advantages give
+    the same direction."""
     torch.manual_seed(0)
     policy = tiny_policy()
     params = policy.trainable_parameters()
