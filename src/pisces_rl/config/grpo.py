@@ -137,7 +137,8 @@ class RewardsConfig(ConfigBase):
     gamma: float = option(0.2, "weight of the temporal term of the token-level OT cost")
     eta: float = option(0.2, "weight of the spatial term of the token-level OT cost")
     epsilon: float = option(0.05, "entropic regularisation of the token-level OT")
-    mass: float = option(0.9, "transported mass fraction of the unbalanced OT (>= 0.999 = balanced)")
+    mass: float = option(0.9, "the paper's 'transported fraction' m: sets the KL marginal relaxation rho = "
+                              "epsilon*m/(1-m) of the token OT, not the plan's total mass (>= 0.999 = balanced)")
     num_frames: Optional[int] = option(None, "frames given to the reward, uniformly subsampled (null = all)")
     temporal_windows: int = option(1, "> 1: score that many windows of num_frames frames and average")
     max_batch_size: int = option(8, "videos per reward call")

@@ -5,9 +5,14 @@ PISCES, arXiv 2602.01624, Alg. 3)::
 
     P* = argmin_{P >= 0}  <P, C> + eps * KL(P | 1) + rho * KL(P 1 | a) + rho * KL(P^T 1 | b)
 
-with the KL-relaxed marginals weighted by ``rho = eps * m / (1 - m)``, where ``m`` is the
-*transported mass* fraction. Writing ``tau = rho / (rho + eps)`` (which equals ``m``), the
-log-domain scaling iterations are::
+with the KL-relaxed marginals weighted by ``rho = eps * m / (1 - m)``. The paper calls ``m`` the
+"transported fraction", but ``m`` enters only through this relaxation weight: it is the exponent
+``tau = rho / (rho + eps)`` (which equals ``m``) of the scaling updates, the target to which the
+marginals are pulled. It is *not* the plan's total mass, which depends on the cost and the problem
+size: at ``m = 0.9``, ``eps = 0.05`` on min-max normalised costs we measured ``sum(P)`` from 0.82 to 0.97
+(the semantic reward with the tiny random BLIP encoder, 8 frames), 1.02 to 1.05 (the correctness review,
+ShapesWorld encoder) and 0.86 to 1.39 (random costs of 4 x 65 to 24 x 513). The reward row-normalises
+``P`` before fusing it, so only its shape matters there. The log-domain scaling iterations are::
 
     log u <- tau * (log a - LSE_j(-C_ij / eps + log v_j))
     log v <- tau * (log b - LSE_i(-C_ij / eps + log u_i))
@@ -61,7 +66,7 @@ _MAX_CHECK_GAP = 16  # never run more iterations than this without a test
 
 
 def marginal_relaxation(epsilon: float, mass: float) -> float:
-    """``rho = eps * m / (1 - m)``: the KL marginal weight that transports fraction ``m``.
+    """``rho = eps * m / (1 - m)``: the weight of the KL-relaxed marginals for the paper's ``m`` (``tau = m``).
 
     Returns ``inf`` for ``mass >= 0.999`` (balanced OT).
     """
@@ -88,7 +93,9 @@ def unbalanced_sinkhorn(
     Args:
         cost: ``[..., N, M]`` finite cost matrices (any leading batch dims, e.g. ``[B, heads, N, M]``).
         epsilon: entropic regularisation ``eps > 0``.
-        mass: transported fraction ``m`` in (0, 1]; ``>= 0.999`` means balanced OT.
+        mass: ``m`` in (0, 1], the paper's "transported fraction": it sets the marginal relaxation
+            ``rho = eps m / (1 - m)`` (not the plan's total mass, see the module docstring); ``>= 0.999``
+            means balanced OT.
         max_iter: maximum number of (u, v) updates.
         tol: each problem stops after the first iteration in which both of its log-potential updates
             move less than ``tol`` (sup norm over that problem's entries), independently of the other
