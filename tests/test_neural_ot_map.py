@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pisces_rl.ot import L2RegressionMap, NeuralOTMap, distance_spearman, load_map, mutual_knn
+from pisces_rl.ot import (L2RegressionMap, NeuralOTMap, distance_spearman, extract_ot_map_state_dict, load_map,
+                          load_released_ot_map, mutual_knn)
 
 D = 8
 
@@ -90,10 +91,14 @@ def test_metric_errors():
 # -- Neural OT map -------------------------------------------------------------------------------------------------
 
 def test_architecture_and_call():
+    """T and f are the released PISCES MLPs (roar-ai/pisces fastvideo/optimal_transport.py ``OptimalTransportMap``,
+    ``PotentialNetwork``): Linear, ReLU, LayerNorm, Linear, ReLU, LayerNorm, Linear; parameters at 0, 2, 3, 5, 6."""
     ot_map = NeuralOTMap(dim=6, hidden=10)
     linears = [m for m in ot_map.transport if isinstance(m, torch.nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears] == [(6, 10), (10, 10), (10, 6)]
-    assert sum(isinstance(m, torch.nn.LayerNorm) for m in ot_map.transport) == 2
+    order = [torch.nn.Linear, torch.nn.ReLU, torch.nn.LayerNorm] * 2 + [torch.nn.Linear]
+    assert [type(m) for m in ot_map.transport] == order == [type(m) for m in ot_map.critic]
+    assert {k.rsplit(".", 1)[0] for k in ot_map.transport.state_dict()} == {"0", "2", "3", "5", "6"}
     assert ot_map.critic[-1].out_features == 1
     text = torch.randn(4, 6)
     out = ot_map(text)
@@ -115,7 +120,7 @@ def test_fit_improves_held_out_alignment(fitted_ot_map):
     ot_map, history, text, video = fitted_ot_map
     assert [e["step"] for e in history["eval"]] == [40, 80, 120, 160, 200]
     assert history["num_val"] == 128 and history["num_train"] == 384
-    assert set(history["train"][0]) == {"step", "loss_T", "loss_f"}
+    assert set(history["train"][0]) == {"step", "loss_T", "loss_f", "lr"}
     identity, best = history["identity"], history["best"]
     assert best["mknn"] > identity["mknn"] + 0.15, (identity, best)
     assert best["spearman"] > identity["spearman"] + 0.1, (identity, best)
@@ -140,7 +145,8 @@ def test_save_and_load_round_trip(fitted_ot_map, tmp_path):
     ot_map.save_pretrained(tmp_path / "map")
     assert sorted(p.name for p in (tmp_path / "map").iterdir()) == ["config.json", "model.safetensors"]
     config = json.loads((tmp_path / "map" / "config.json").read_text())
-    assert config == {"map_type": "NeuralOTMap", "dim": D, "hidden": 32, "input_normalization": "l2"}
+    assert config == {"map_type": "NeuralOTMap", "dim": D, "hidden": 32, "layout": "linear_relu_norm",
+                      "input_normalization": "l2"}
     loaded = NeuralOTMap.from_pretrained(tmp_path / "map")
     assert not loaded.training
     probe = torch.randn(16, D)
@@ -196,6 +202,103 @@ def test_fit_without_validation_and_progress_bar(capsys):
     assert history["eval"] == [] and "best" not in history and history["num_train"] == 20
     assert any(not torch.equal(p, q) for p, q in zip(before, ot_map.transport.parameters()))
     assert "fit NeuralOTMap" in capsys.readouterr().err
+
+
+def test_fit_clips_gradients_and_decays_to_the_released_floor(monkeypatch):
+    """Released train_OT_map.py: clip_grad_norm_(params, 1.0) after every T step and every f step, and
+    CosineAnnealingLR(T_max=max_steps, eta_min=0.05 * lr) stepped once per outer step."""
+    calls = []
+    real = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, max_norm, *a, **k:
+                        calls.append(max_norm) or real(params, max_norm, *a, **k))
+    ot_map = NeuralOTMap(dim=4, hidden=8)
+    history = ot_map.fit(torch.randn(40, 4), torch.randn(40, 4), steps=6, batch_size=8, k_t=3, lr=1e-2,
+                         val_fraction=0.0, eval_every=1, progress=False)
+    assert calls == [1.0] * (6 * (3 + 1))
+    lrs = [record["lr"] for record in history["train"]]
+    assert all(a > b for a, b in zip(lrs, lrs[1:])) and lrs[-1] == pytest.approx(0.05 * 1e-2, rel=1e-9)
+    calls.clear()
+    NeuralOTMap(dim=4, hidden=8).fit(torch.randn(40, 4), torch.randn(40, 4), steps=2, batch_size=8, k_t=1,
+                                     val_fraction=0.0, progress=False, grad_clip=None)
+    assert calls == []
+
+
+class ReleasedMLP(torch.nn.Module):
+    """roar-ai/pisces fastvideo/optimal_transport.py ``OptimalTransportMap`` (``out=1``: ``PotentialNetwork``
+    before its squeeze), as released."""
+
+    def __init__(self, dim, hidden, out):
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(dim, hidden), torch.nn.ReLU(inplace=True), torch.nn.LayerNorm(hidden),
+            torch.nn.Linear(hidden, hidden), torch.nn.ReLU(inplace=True), torch.nn.LayerNorm(hidden),
+            torch.nn.Linear(hidden, out))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def _randomised(module, seed):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    return module.eval()
+
+
+@pytest.mark.parametrize("wrap", ["raw", "T", "ot_map", "state_dict", "model"])
+@pytest.mark.parametrize("prefix", ["", "module.", "_orig_mod."])
+def test_released_pisces_ot_map_loads(tmp_path, wrap, prefix):
+    """A released OT-map checkpoint (raw state dict, or under 'T' / 'ot_map' / 'state_dict' / 'model', keys
+    possibly prefixed by DDP's 'module.' or torch.compile's '_orig_mod.') loads into a NeuralOTMap that maps
+    exactly like the released module; load_map accepts the file too, and a critic under 'f' comes along."""
+    released = _randomised(ReleasedMLP(6, 10, 6), seed=0)
+    critic = _randomised(ReleasedMLP(6, 10, 1), seed=1)
+    state = {prefix + k: v for k, v in released.state_dict().items()}
+    checkpoint = state if wrap == "raw" else {wrap: state, "step": 7}
+    if wrap == "T":
+        checkpoint["f"] = {prefix + k: v for k, v in critic.state_dict().items()}
+    path = tmp_path / "OT_map.pt"
+    torch.save(checkpoint, path)
+    assert set(extract_ot_map_state_dict(checkpoint)) == set(released.state_dict())
+    probe = torch.randn(5, 6)
+    for ot_map in (load_released_ot_map(path), load_map(path)):
+        assert isinstance(ot_map, NeuralOTMap) and (ot_map.dim, ot_map.hidden) == (6, 10) and not ot_map.training
+        assert ot_map.input_normalization == "none"   # the released trainer maps raw text_proj features
+        with torch.no_grad():
+            torch.testing.assert_close(ot_map(probe), released(probe), rtol=0, atol=0)
+            if wrap == "T":
+                torch.testing.assert_close(ot_map.potential(probe), critic(probe).squeeze(-1), rtol=0, atol=0)
+    normalised = load_released_ot_map(path, input_normalization="l2")
+    with torch.no_grad():
+        torch.testing.assert_close(normalised(3.0 * probe), released(F.normalize(probe, dim=-1)))
+
+
+def test_released_map_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_released_ot_map(tmp_path / "missing.pt")
+    with pytest.raises(ValueError, match="state dict of tensors"):
+        load_released_ot_map({"T": "not a state dict"})
+    legacy = NeuralOTMap(dim=4, hidden=8, layout="linear_norm_relu").transport.state_dict()
+    with pytest.raises(ValueError, match="not the released 3-layer MLP"):
+        load_released_ot_map({"net." + k: v for k, v in legacy.items()})
+
+
+def test_maps_saved_with_the_earlier_layout_still_load(tmp_path):
+    """Maps saved before the released layout (Linear, LayerNorm, ReLU; no "layout" in config.json) load as such."""
+    old = NeuralOTMap(dim=4, hidden=8, layout="linear_norm_relu")
+    assert [type(m) for m in old.transport][:3] == [torch.nn.Linear, torch.nn.LayerNorm, torch.nn.ReLU]
+    old.save_pretrained(tmp_path / "old")
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    del config["layout"]
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
+    loaded = load_map(tmp_path / "old")
+    assert loaded.layout == "linear_norm_relu"
+    probe = torch.randn(3, 4)
+    with torch.no_grad():
+        assert torch.equal(loaded(probe), old(probe))
+    with pytest.raises(ValueError, match="layout"):
+        NeuralOTMap(dim=4, hidden=8, layout="relu_first")
 
 
 # -- L2 regression baseline ----------------------------------------------------------------------------------------

@@ -137,6 +137,36 @@ def test_default_tolerance_is_close_to_converged_and_fp32_agrees():
     assert (unbalanced_sinkhorn(cost, max_iter=2) - exact).abs().max() > 1e-2 * exact.max()
 
 
+def stopping_iteration(cost, **kwargs):
+    """The number of updates after which ``unbalanced_sinkhorn`` stopped (the smallest budget giving its plan)."""
+    plan = unbalanced_sinkhorn(cost, **kwargs)
+    lo, hi = 0, 200   # the budget gives the plan for every k >= the stopping iteration, and only then: bisect
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if torch.equal(unbalanced_sinkhorn(cost, max_iter=mid, **kwargs), plan) else (mid, hi)
+    return hi
+
+
+@pytest.mark.parametrize("mass", [0.9, 1.0])
+def test_each_problem_stops_on_its_own_criterion(mass):
+    """A video's plan does not depend on its batch-mates (correctness review fc4b722, F9): a problem solved
+    alone equals the same problem solved next to a slow-converging neighbour (cost range 8x larger), to
+    1e-12 relative, although the batch runs until the neighbour converges. Per-problem stopping is the
+    PISCES code's behaviour (roar-ai/pisces fastvideo/partial_optimal_transport.py ``solve_partial_ot``
+    solves one head at a time and breaks once max(|d log u|, |d log v|) < tol)."""
+    easy, hard = random_cost(12, 65, seed=30), 8.0 * random_cost(12, 65, seed=31)
+    stop_easy = stopping_iteration(easy, mass=mass)
+    slow = unbalanced_sinkhorn(hard, mass=mass)
+    assert not torch.equal(unbalanced_sinkhorn(hard, mass=mass, max_iter=stop_easy + 2), slow)  # still moving
+    alone = unbalanced_sinkhorn(easy, mass=mass)
+    batched = unbalanced_sinkhorn(torch.stack([hard, easy, hard]), mass=mass)
+    assert (batched[1] - alone).abs().max() <= 1e-12 * alone.max()
+    torch.testing.assert_close(batched[0], slow, rtol=1e-12, atol=0)
+    # what it returns is Algorithm 3 after exactly that many updates
+    uniform = torch.full((12,), 1 / 12, dtype=torch.float64), torch.full((65,), 1 / 65, dtype=torch.float64)
+    torch.testing.assert_close(alone, log_domain_reference(easy, 0.05, mass, stop_easy, *uniform), rtol=1e-9, atol=0)
+
+
 def test_zero_weights_mask_rows_and_columns():
     cost = random_cost(2, 3, 6, 8, seed=10)
     a = torch.ones(2, 1, 6, dtype=torch.float64) / 6
@@ -179,6 +209,16 @@ def test_relaxation_and_mass_behave_like_partial_transport():
     assert totals[0] > totals[1] > totals[2]
     balanced = [unbalanced_sinkhorn(cost + shift, mass=1.0, **CONVERGED) for shift in (0.0, 0.3)]
     torch.testing.assert_close(balanced[0], balanced[1], rtol=1e-8, atol=1e-14)
+
+
+def test_mass_is_a_relaxation_weight_not_the_plans_total_mass():
+    """``m = 0.9`` does not make sum(P) = 0.9: the total follows the cost and the size (module docstring: 0.82 to
+    1.39 measured). On unit-range random costs it exceeds 1 and grows with the size; balanced OT sums to 1."""
+    totals = [float(unbalanced_sinkhorn(random_cost(n, m, seed=13), mass=0.9, **CONVERGED).sum())
+              for n, m in ((4, 65), (24, 513))]
+    assert 1.0 < totals[0] < totals[1] < 1.5, totals
+    balanced = unbalanced_sinkhorn(random_cost(24, 513, seed=13), mass=1.0, **CONVERGED)
+    assert abs(float(balanced.sum()) - 1.0) < 1e-9
 
 
 def test_extreme_costs_stay_finite_and_exact(monkeypatch):

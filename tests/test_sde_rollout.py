@@ -7,7 +7,8 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from pisces_rl.models import build_policy, build_tiny_wan_pipeline
-from pisces_rl.rollout import Rollout, cat, rescore_log_prob, sample_rollout, sde_step_with_logprob
+from pisces_rl.rollout import (SDE_TYPES, Rollout, cat, rescore_log_prob, sample_rollout, sde_std_table,
+                               sde_step_with_logprob)
 
 PROMPTS = ["two red squares moving left", "a blue circle"]
 
@@ -43,22 +44,87 @@ def gen(seed=0):
 
 
 # ------------------------------------------------------------------ the SDE step
-def test_log_prob_matches_a_hand_computed_gaussian():
-    g = gen()
-    x, v, noise = (torch.randn(3, 4, 2, 3, 3, generator=g) for _ in range(3))
-    sigma, sigma_next, eta = torch.tensor([0.9, 0.6, 0.3]), torch.tensor([0.7, 0.5, 0.1]), 0.4
-    step = sde_step_with_logprob(v, x, sigma, sigma_next, eta, noise=noise)
-
+def flow_grpo_reference(v, x, sigma, sigma_next, eta, noise):
+    """yifan123/flow_grpo ``flow_grpo/diffusers_patch/sd3_sde_with_logprob.py`` (``sde_step_with_logprob``), written
+    out for a batch of sigmas: ``std_dev_t = sqrt(sigma / (1 - where(sigma == 1, sigma_max, sigma))) * eta``,
+    ``mean = x (1 + s^2 / (2 sigma) dt) + v (1 + s^2 (1 - sigma) / (2 sigma)) dt``, noise ``s sqrt(-dt)``."""
     s, sn = sigma.view(-1, 1, 1, 1, 1), sigma_next.view(-1, 1, 1, 1, 1)
     dt = sn - s
-    s_t = eta * torch.sqrt(s / (1 - s))
-    mean = x + (v + s_t**2 / (2 * s) * (x + (1 - s) * v)) * dt
-    std = s_t * torch.sqrt(-dt)
+    s_t = eta * torch.sqrt(s / (1 - torch.where(s == 1, sn, s)))
+    mean = x * (1 + s_t**2 / (2 * s) * dt) + v * (1 + s_t**2 * (1 - s) / (2 * s)) * dt
+    return mean, s_t * torch.sqrt(-dt)
+
+
+def dance_grpo_reference(v, x, sigma, sigma_next, eta, noise):
+    """XueZeyue/DanceGRPO ``fastvideo/train_grpo_hunyuan.py`` ``flux_step(..., grpo=True, sde_solver=True)`` (the
+    same function is in roar-ai/pisces ``fastvideo/distill_grpo.py``), line by line."""
+    s, sn = sigma.view(-1, 1, 1, 1, 1), sigma_next.view(-1, 1, 1, 1, 1)
+    dsigma = sn - s
+    prev_sample_mean = x + dsigma * v
+    pred_original_sample = x - s * v
+    std_dev_t = eta * torch.sqrt(s - sn)
+    score_estimate = -(x - pred_original_sample * (1 - s)) / s**2
+    log_term = -0.5 * eta**2 * score_estimate
+    return prev_sample_mean + log_term * dsigma, std_dev_t
+
+
+REFERENCES = {"flow_grpo": flow_grpo_reference, "dance_grpo": dance_grpo_reference}
+
+
+@pytest.mark.parametrize("sde_type", SDE_TYPES)
+def test_log_prob_matches_the_reference_step(sde_type):
+    """Mean, std, sample and log-prob against the reference code of each noise type (cited on the helpers),
+    including the sigma = 1 first step; the log-prob is the full Gaussian density averaged over elements."""
+    g = gen()
+    x, v, noise = (torch.randn(4, 4, 2, 3, 3, generator=g) for _ in range(3))
+    sigma, sigma_next, eta = torch.tensor([1.0, 0.9, 0.6, 0.3]), torch.tensor([0.8, 0.7, 0.5, 0.1]), 0.4
+    step = sde_step_with_logprob(v, x, sigma, sigma_next, eta, noise=noise, sde_type=sde_type)
+    mean, std = REFERENCES[sde_type](v, x, sigma, sigma_next, eta, noise)
     expected = torch.distributions.Normal(mean, std).log_prob(mean + std * noise).mean(dim=(1, 2, 3, 4))
     torch.testing.assert_close(step.mean, mean, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(step.std, std, atol=1e-7, rtol=1e-6)
     torch.testing.assert_close(step.prev_sample, mean + std * noise, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(step.log_prob, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_the_two_noise_types_differ_only_in_s_t():
+    """dance_grpo is flow_grpo's SDE with s_t = eta instead of eta * sqrt(sigma / (1 - sigma)): at sigma = 0.5 the
+    two coincide, and elsewhere flow_grpo with eta' = eta / sqrt(sigma / (1 - sigma)) gives the same step."""
+    g = gen(4)
+    x, v, noise = (torch.randn(2, 5, generator=g) for _ in range(3))
+    a = sde_step_with_logprob(v, x, 0.5, 0.3, 0.3, noise=noise, sde_type="dance_grpo")
+    b = sde_step_with_logprob(v, x, 0.5, 0.3, 0.3, noise=noise, sde_type="flow_grpo")
+    torch.testing.assert_close(a.prev_sample, b.prev_sample)
+    c = sde_step_with_logprob(v, x, 0.8, 0.6, 0.3, noise=noise, sde_type="dance_grpo")
+    d = sde_step_with_logprob(v, x, 0.8, 0.6, 0.3 / math.sqrt(0.8 / 0.2), noise=noise, sde_type="flow_grpo")
+    torch.testing.assert_close(c.prev_sample, d.prev_sample)
+    torch.testing.assert_close(c.log_prob, d.log_prob)
+    with pytest.raises(ValueError, match="sde_type must be one of 'flow_grpo', 'dance_grpo'"):
+        sde_step_with_logprob(v, x, 0.8, 0.6, 0.3, sde_type="dance")
+
+
+def test_documented_std_table_on_the_shift_2_grid():
+    """The per-step std table the sde module docstring quotes (and the correctness review, F3, measured): shift 2,
+    16 steps, eta 0.25. flow_grpo: 0.25 at sigma = 1 (0.254 at the next step) falling to 0.034; dance_grpo:
+    0.046 rising to 0.088; total injected variance 0.256 vs 0.062; the last step (to sigma = 0) injects none."""
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=2.0)
+    scheduler.set_timesteps(16)
+    sigmas = scheduler.sigmas.double()
+    flow, flow_var = sde_std_table(sigmas, 0.25, "flow_grpo")
+    dance, dance_var = sde_std_table(sigmas, 0.25, "dance_grpo")
+    assert flow.shape == dance.shape == (16,) and flow[-1] == dance[-1] == 0
+    assert [round(x, 3) for x in flow[[0, 1, 14]].tolist()] == [0.25, 0.254, 0.034]
+    assert [round(x, 3) for x in dance[[0, 14]].tolist()] == [0.046, 0.088]
+    assert (dance[1:15] > dance[:14]).all() and (flow[2:15] < flow[1:14]).all()
+    assert round(flow_var, 3) == 0.256 and round(dance_var, 3) == 0.062
+    # the same numbers as the std the step itself uses (step i of the schedule)
+    for i in (0, 7, 14):
+        step = sde_step_with_logprob(torch.zeros(1, 3), torch.zeros(1, 3), sigmas[i].item(), sigmas[i + 1].item(),
+                                     0.25, generator=gen(), sde_type="dance_grpo")
+        assert abs(step.std.item() - dance[i].item()) < 1e-6
+    windowed, var = sde_std_table(sigmas, 0.25, "dance_grpo", sde_window=(2, 4))
+    assert torch.equal(windowed.nonzero().flatten(), torch.tensor([2, 3]))
+    assert abs(var - dance[2:4].square().sum().item()) < 1e-12
 
 
 def test_scoring_mode_matches_sampling_and_differentiates_through_the_mean_only():
@@ -81,17 +147,22 @@ def test_half_precision_inputs_are_computed_in_fp32():
     assert step.prev_sample.dtype == step.log_prob.dtype == step.mean.dtype == torch.float32
 
 
-def test_sigma_one_uses_the_next_sigma_in_the_denominator():
+@pytest.mark.parametrize("sde_type, expected_std", [("flow_grpo", 0.5 * math.sqrt(1.0 / (1.0 - 0.8)) * math.sqrt(0.2)),
+                                                     ("dance_grpo", 0.5 * math.sqrt(0.2))])
+def test_sigma_one_step_is_finite(sde_type, expected_std):
+    """sigma = 1: flow_grpo uses the next sigma in sqrt(sigma / (1 - sigma)) (Flow-GRPO's ``sigma_max``);
+    dance_grpo needs no special case."""
     x, v = torch.randn(2, 6, generator=gen()), torch.randn(2, 6, generator=gen(1))
-    step = sde_step_with_logprob(v, x, 1.0, 0.8, 0.5, generator=gen())
+    step = sde_step_with_logprob(v, x, 1.0, 0.8, 0.5, generator=gen(), sde_type=sde_type)
     assert torch.isfinite(step.prev_sample).all() and torch.isfinite(step.log_prob).all()
-    expected_std = 0.5 * math.sqrt(1.0 / (1.0 - 0.8)) * math.sqrt(0.2)
     torch.testing.assert_close(step.std.flatten(), torch.full((2,), expected_std))
 
 
-def test_last_step_to_zero_is_a_deterministic_euler_step():
+@pytest.mark.parametrize("sde_type", SDE_TYPES)
+def test_last_step_to_zero_is_a_deterministic_euler_step(sde_type):
+    """Both types end on x0_hat = x - sigma v, the latent DanceGRPO / PISCES decode (``pred_original_sample``)."""
     x, v = torch.randn(2, 6, generator=gen()), torch.randn(2, 6, generator=gen(1))
-    step = sde_step_with_logprob(v, x, 0.2, 0.0, 0.7, generator=gen())
+    step = sde_step_with_logprob(v, x, 0.2, 0.0, 0.7, generator=gen(), sde_type=sde_type)
     torch.testing.assert_close(step.prev_sample, x - 0.2 * v)  # = predicted x0
     assert torch.equal(step.std, torch.zeros_like(step.std))
     assert torch.equal(step.log_prob, torch.zeros(2))
@@ -108,8 +179,8 @@ def test_eta_zero_is_the_diffusers_euler_step_with_zero_log_prob():
         assert torch.equal(step.log_prob, torch.zeros(2))
 
 
-@pytest.mark.parametrize("block", [1, 2])
-def test_sde_preserves_the_marginals_of_a_gaussian_flow(block):
+@pytest.mark.parametrize("block, sde_type", [(1, "flow_grpo"), (2, "flow_grpo"), (1, "dance_grpo")])
+def test_sde_preserves_the_marginals_of_a_gaussian_flow(block, sde_type):
     """Data x0 ~ N(0, a^2): the exact velocity is known, x_sigma ~ N(0, (1-sigma)^2 a^2 + sigma^2).
     Simulating the SDE from sigma = 1 with a large eta must land on the right marginal variance
     (a sign error in the score correction or the noise scale breaks this). With block noise the
@@ -122,7 +193,8 @@ def test_sde_preserves_the_marginals_of_a_gaussian_flow(block):
     for i in range(60):
         s = sigmas[i]
         v = x * (s - (1 - s) * a2) / var(s)
-        x = sde_step_with_logprob(v, x, s, sigmas[i + 1], eta=0.7, generator=g, noise_block=block).prev_sample
+        x = sde_step_with_logprob(v, x, s, sigmas[i + 1], eta=0.7, generator=g, noise_block=block,
+                                  sde_type=sde_type).prev_sample
     assert abs(x.var().item() / var(0.1) - 1) < 0.05
     block_mean = x.mean(dim=(-2, -1))          # the explored coordinate ...
     off_block = x - block_mean[..., None, None]  # ... and the deterministic rest
@@ -201,11 +273,17 @@ def test_eta_zero_rollout_reproduces_the_plain_pipeline():
     assert torch.equal(r.log_probs, torch.zeros(2, 4)) and r.train_step_indices.shape == (2, 0)
 
 
-def test_rescore_with_the_same_weights_gives_ratio_one():
+@pytest.mark.parametrize("sde_type", SDE_TYPES)
+def test_rescore_with_the_same_weights_gives_ratio_one(sde_type):
     """The invariant behind every clipped-ratio update: re-scoring a recorded rollout with the
-    weights that sampled it gives exp(new - old) == 1, for every step, sub-batch and CFG."""
+    weights that sampled it gives exp(new - old) == 1, for every step, sub-batch and CFG, for both noise types
+    (the rollout records its type and re-scoring uses it)."""
     policy = tuned_policy()
-    r = sample_rollout(policy, PROMPTS * 2, sampling_cfg(num_inference_steps=5), generator=gen())
+    r = sample_rollout(policy, PROMPTS * 2, sampling_cfg(num_inference_steps=5, sde_type=sde_type), generator=gen())
+    assert r.sde_type == sde_type
+    std = torch.stack([rescore_log_prob(policy, r, i).std.flatten()[0] for i in range(4)])
+    expected, _ = sde_std_table(r.sigmas, 0.25, sde_type)
+    torch.testing.assert_close(std.double(), expected[:4], atol=1e-6, rtol=0)
     for step in range(r.num_steps):
         new = rescore_log_prob(policy, r, step, batch_indices=[2, 0])
         ratio = torch.exp(new.log_prob - r.log_probs[[2, 0], step])
@@ -290,6 +368,8 @@ def test_sampling_without_cfg_and_bad_configs():
         sample_rollout(policy, "one prompt", sampling_cfg())
     with pytest.raises(IndexError, match="out of range"):
         rescore_log_prob(policy, r, 4)
+    with pytest.raises(ValueError, match="sde_type must be one of"):
+        sample_rollout(policy, PROMPTS, sampling_cfg(sde_type="dance"))
 
 
 # ------------------------------------------------------------------ Rollout container
@@ -323,6 +403,8 @@ def test_rollout_rejects_inconsistent_shapes_and_settings():
         Rollout(**{**r.__dict__, "log_probs": torch.zeros(4, 2)})
     with pytest.raises(ValueError, match="different settings"):
         cat([r, Rollout(**{**r.__dict__, "eta": 0.5})])
+    with pytest.raises(ValueError, match="different settings"):
+        cat([r, Rollout(**{**r.__dict__, "sde_type": "dance_grpo"})])
     with pytest.raises(IndexError):
         r.index_select([7])
 
@@ -367,3 +449,21 @@ def test_works_with_the_real_config_dataclasses():
     policy = build_policy(config.ModelConfig(lora_rank=2), device="cpu")
     r = sample_rollout(policy, PROMPTS, config.SamplingConfig(num_inference_steps=2), generator=gen())
     assert r.latents.shape[:2] == (2, 3) and r.videos.shape == (2, 5, 3, 32, 32)
+
+
+def test_shipped_recipes_use_their_sources_sde_type():
+    """The PISCES-paper Wan recipes sample like the PISCES code (DanceGRPO's ``flux_step``, eta 0.25); the CPU
+    recipes keep Flow-GRPO's noise, with which they have been run. Each config states the type explicitly."""
+    import glob
+    import os
+
+    from pisces_rl.config import BackpropConfig, GRPOConfig, load_config
+
+    paths = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "recipes", "configs", "*.yaml")))
+    assert paths
+    for path in paths:
+        name = os.path.basename(path)
+        with open(path) as f:
+            assert "\n  sde_type: " in f.read(), f"{name} does not state its sampling.sde_type"
+        cfg = load_config(BackpropConfig if name.startswith("backprop") else GRPOConfig, path)
+        assert cfg.sampling.sde_type == ("dance_grpo" if "_wan" in name else "flow_grpo"), name

@@ -94,6 +94,9 @@ class SamplingConfig(ConfigBase):
     num_inference_steps: int = option(6, "denoising steps per rollout")
     guidance_scale: float = option(4.0, "classifier-free guidance scale (<= 1 disables the unconditional pass)")
     eta: float = option(0.25, "SDE noise level of the sampler (> 0; larger = more exploration)")
+    sde_type: str = option("flow_grpo", "SDE noise per step: flow_grpo = eta*sqrt(sigma/(1-sigma))*sqrt(dsigma) "
+                                        "(Flow-GRPO), dance_grpo = eta*sqrt(dsigma) (DanceGRPO, the PISCES code)",
+                           choices=("flow_grpo", "dance_grpo"))
     train_timestep_fraction: float = option(1.0, "fraction of the denoising steps trained on (a random subset "
                                                  "per rollout), in (0, 1]")
     sde_window: Optional[list[int]] = option(None, "[start, stop]: only denoising steps start <= i < stop inject SDE "
@@ -139,7 +142,8 @@ class RewardsConfig(ConfigBase):
     gamma: float = option(0.2, "weight of the temporal term of the token-level OT cost")
     eta: float = option(0.2, "weight of the spatial term of the token-level OT cost")
     epsilon: float = option(0.05, "entropic regularisation of the token-level OT")
-    mass: float = option(0.9, "transported mass fraction of the unbalanced OT (>= 0.999 = balanced)")
+    mass: float = option(0.9, "the paper's 'transported fraction' m: sets the KL marginal relaxation rho = "
+                              "epsilon*m/(1-m) of the token OT, not the plan's total mass (>= 0.999 = balanced)")
     num_frames: Optional[int] = option(None, "frames given to the reward, uniformly subsampled (null = all)")
     temporal_windows: int = option(1, "> 1: score that many windows of num_frames frames and average")
     max_batch_size: int = option(8, "videos per reward call")

@@ -16,8 +16,17 @@ checkpoint by held-out mutual-kNN is restored when ``fit`` ends.
 :class:`L2RegressionMap` (the "L2 regression" row of PISCES Table 4) fits ``g(y) ≈ x`` by MSE on the *pairs*.
 
 Both maps **L2-normalise their input** before mapping, in ``fit`` and in ``__call__`` (PISCES trains and
-applies ``T`` on L2-normalised text features); outputs are not normalised. Both save as
-``config.json`` + ``model.safetensors`` (never pickle).
+applies ``T`` on L2-normalised text features); outputs are not normalised. ``input_normalization="none"``
+maps the input as given (what the released PISCES trainer does, on InternVideo2 ``text_proj`` features).
+Both save as ``config.json`` + ``model.safetensors`` (never pickle).
+
+Architecture and training follow the released PISCES code (roar-ai/pisces ``fastvideo/optimal_transport.py``
+and ``train_OT_map.py``): ``T`` and ``f`` are ``Linear → ReLU → LayerNorm → Linear → ReLU → LayerNorm →
+Linear`` (state-dict keys ``net.{0,2,3,5,6}`` there, ``transport.{0,2,3,5,6}`` here); Adam (weight decay
+1e-10), gradients clipped to norm 1.0 at every step of either network, and a cosine learning-rate decay over
+the outer steps to a floor of ``0.05 * lr``. Maps saved before this layout (``Linear → LayerNorm → ReLU``,
+no ``layout`` in their config) still load, as ``layout="linear_norm_relu"``. A released PISCES map (a
+``.pt`` state dict) loads with :func:`pisces_rl.ot.load_released_ot_map` or :func:`load_map`.
 
 Example::
 
@@ -40,76 +49,72 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .metrics import distance_spearman, mutual_knn
+from ._training import _Batches, _check_fit_args, _cosine_schedules, _evaluate
 
 __all__ = ["NeuralOTMap", "L2RegressionMap", "load_map"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-MKNN_K = 10
+LAYOUTS = ("linear_relu_norm", "linear_norm_relu")  # released PISCES order; pisces_rl's order before it
+LEGACY_LAYOUT = "linear_norm_relu"  # what a saved config without "layout" holds
+NORMALIZATIONS = ("l2", "none")
+GRAD_CLIP = 1.0        # released train_OT_map.py --grad-clip
+MIN_LR_RATIO = 0.05    # released train_OT_map.py: CosineAnnealingLR(eta_min=0.05 * lr)
+WEIGHT_DECAY = 1e-10   # released train_OT_map.py --weight-decay
 
 
-def mlp(dim_in: int, hidden: int, dim_out: int) -> nn.Sequential:
-    """3-layer MLP ``dim_in → hidden → hidden → dim_out`` with LayerNorm + ReLU after each hidden layer."""
-    return nn.Sequential(
-        nn.Linear(dim_in, hidden), nn.LayerNorm(hidden), nn.ReLU(),
-        nn.Linear(hidden, hidden), nn.LayerNorm(hidden), nn.ReLU(),
-        nn.Linear(hidden, dim_out),
-    )
+def mlp(dim_in: int, hidden: int, dim_out: int, layout: str = "linear_relu_norm") -> nn.Sequential:
+    """3-layer MLP ``dim_in → hidden → hidden → dim_out``.
 
-
-class _Batches:
-    """Random training batches (with replacement) from a seeded generator; moved to the model's device."""
-
-    def __init__(self, text: Tensor, video: Tensor, batch_size: int, device: torch.device, seed: int):
-        self.text, self.video, self.batch_size, self.device = text, video, batch_size, device
-        self.gen = torch.Generator().manual_seed(seed)
-
-    def _rows(self, data: Tensor, idx: Tensor) -> Tensor:
-        return data[idx.to(data.device)].to(self.device, non_blocking=True)
-
-    def _idx(self) -> Tensor:
-        return torch.randint(len(self.text), (self.batch_size,), generator=self.gen)
-
-    def text_batch(self) -> Tensor:  # [batch, D] from μ
-        return self._rows(self.text, self._idx())
-
-    def video_batch(self) -> Tensor:  # [batch, D] from ν, drawn independently of text_batch
-        return self._rows(self.video, self._idx())
-
-    def pairs(self) -> tuple[Tensor, Tensor]:  # paired ([batch, D], [batch, D])
-        idx = self._idx()
-        return self._rows(self.text, idx), self._rows(self.video, idx)
+    ``"linear_relu_norm"`` (default, the released PISCES ``OptimalTransportMap`` / ``PotentialNetwork``):
+    ``Linear, ReLU, LayerNorm, Linear, ReLU, LayerNorm, Linear`` — parameters at indices 0, 2, 3, 5, 6.
+    ``"linear_norm_relu"``: ``Linear, LayerNorm, ReLU, ...`` (maps saved by earlier pisces_rl versions).
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    def block(width: int) -> list:
+        return [nn.ReLU(), nn.LayerNorm(width)] if layout == "linear_relu_norm" else [nn.LayerNorm(width), nn.ReLU()]
+    return nn.Sequential(nn.Linear(dim_in, hidden), *block(hidden), nn.Linear(hidden, hidden), *block(hidden),
+                         nn.Linear(hidden, dim_out))
 
 
 class _EmbeddingMap(nn.Module):
     """Shared plumbing: input normalisation, device handling, save/load and the fit loop with model selection."""
 
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, layout: str = "linear_relu_norm", input_normalization: str = "l2"):
         super().__init__()
         if isinstance(dim, bool) or int(dim) != dim or dim < 1 or int(hidden) != hidden or hidden < 0:
             raise ValueError(f"{type(self).__name__} needs integer dim >= 1 and hidden >= 0, got dim={dim}, "
                              f"hidden={hidden}")
+        if layout not in LAYOUTS or input_normalization not in NORMALIZATIONS:
+            raise ValueError(f"{type(self).__name__} needs layout in {LAYOUTS} and input_normalization in "
+                             f"{NORMALIZATIONS}, got {layout!r}, {input_normalization!r}")
         self.dim, self.hidden = int(dim), int(hidden)
+        self.layout, self.input_normalization = layout, input_normalization
+
+    def _prepare(self, text: Tensor) -> Tensor:
+        """The map's input: ``text`` L2-normalised (``input_normalization="l2"``) or as given."""
+        return F.normalize(text, dim=-1) if self.input_normalization == "l2" else text
 
     # -- mapping -----------------------------------------------------------------------------------------------
     def _map(self, y: Tensor) -> Tensor:
         raise NotImplementedError
 
     def _config(self) -> dict:
-        return {"dim": self.dim, "hidden": self.hidden}
+        return {"dim": self.dim, "hidden": self.hidden, "layout": self.layout,
+                "input_normalization": self.input_normalization}
 
     def forward(self, text: Tensor) -> Tensor:
         """Map text embeddings ``[B, D]`` (or ``[D]``) to the video-embedding space: ``[B, D]`` (or ``[D]``).
 
-        The input is L2-normalised first. Runs on the map's device and returns on the input's device and dtype;
-        autograd flows when grad mode is on.
+        The input is L2-normalised first (unless ``input_normalization="none"``). Runs on the map's device and
+        returns on the input's device and dtype; autograd flows when grad mode is on.
         """
         if not isinstance(text, Tensor) or text.dim() not in (1, 2) or text.shape[-1] != self.dim:
             shape = tuple(text.shape) if isinstance(text, Tensor) else type(text).__name__
             raise ValueError(f"{type(self).__name__} expects text embeddings [B, {self.dim}], got {shape}")
         param = next(self.parameters())
-        y = F.normalize(text.to(device=param.device, dtype=param.dtype), dim=-1)
+        y = self._prepare(text.to(device=param.device, dtype=param.dtype))
         return self._map(y).to(device=text.device, dtype=text.dtype)
 
     # -- persistence -------------------------------------------------------------------------------------------
@@ -119,7 +124,7 @@ class _EmbeddingMap(nn.Module):
         path.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.state_dict().items()}
         save_file(tensors, str(path / WEIGHTS_NAME), metadata={"map_type": type(self).__name__})
-        config = {"map_type": type(self).__name__, **self._config(), "input_normalization": "l2"}
+        config = {"map_type": type(self).__name__, **self._config()}
         (path / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         return path
 
@@ -130,7 +135,7 @@ class _EmbeddingMap(nn.Module):
         if config["map_type"] != cls.__name__:
             raise ValueError(f"{str(path)!r} holds a {config['map_type']}, not a {cls.__name__}; load it with "
                              f"{config['map_type']}.from_pretrained(...) or pisces_rl.ot.load_map(...)")
-        kwargs = {k: v for k, v in config.items() if k not in ("map_type", "input_normalization")}
+        kwargs = {"layout": LEGACY_LAYOUT, **{k: v for k, v in config.items() if k != "map_type"}}
         try:
             model = cls(**kwargs)
         except TypeError as exc:
@@ -159,7 +164,7 @@ class _EmbeddingMap(nn.Module):
                              f"{len(text) - n_val} training pairs; need >= 3 held-out (or val_fraction=0, no model "
                              "selection) and >= 2 for training")
         val_idx, train_idx = order[:min(n_val, max_eval_pairs)], order[n_val:]
-        text = F.normalize(text.detach().float(), dim=-1)  # the map sees L2-normalised text
+        text = self._prepare(text.detach().float())  # what the map sees (L2-normalised by default)
         video = video.detach().float()
         batches = _Batches(text[train_idx.to(text.device)], video[train_idx.to(video.device)],
                            min(batch_size, len(train_idx)), device, seed + 1)
@@ -199,55 +204,25 @@ class _EmbeddingMap(nn.Module):
         return history
 
 
-def _evaluate(fn: Callable[[Tensor], Tensor], text: Tensor, video: Tensor) -> dict:
-    """Held-out paired metrics of ``fn(text)`` against ``video``: mutual-kNN (k = 10, or N − 1) and Spearman ρ."""
-    mapped = fn(text)
-    k = min(MKNN_K, len(text) - 1)
-    return {"mknn": mutual_knn(mapped, video, k=k), "spearman": distance_spearman(mapped, video)}
-
-
-def _check_fit_args(model, text, video, steps, batch_size, lr, val_fraction, eval_every, max_eval_pairs) -> None:
-    name = type(model).__name__
-    for label, t in (("text_embeddings", text), ("video_embeddings", video)):
-        if not isinstance(t, Tensor) or t.dim() != 2 or t.shape[1] != model.dim:
-            shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-            raise ValueError(f"{name}.fit expects {label} [N, {model.dim}] (dim={model.dim}), got {shape}")
-    if len(text) != len(video):
-        raise ValueError(f"{name}.fit needs paired embeddings (row i of each describes one caption/video), got "
-                         f"{len(text)} texts and {len(video)} videos")
-    if not (bool(torch.isfinite(text).all()) and bool(torch.isfinite(video).all())):
-        raise ValueError(f"{name}.fit got NaN/inf embeddings; drop those rows first")
-    if int(steps) != steps or steps < 1 or int(batch_size) != batch_size or batch_size < 1 or not lr > 0:
-        raise ValueError(f"{name}.fit needs integer steps >= 1, batch_size >= 1 and lr > 0, got steps={steps}, "
-                         f"batch_size={batch_size}, lr={lr}")
-    if not 0 <= val_fraction < 1:
-        raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction}")
-    if eval_every is not None and (int(eval_every) != eval_every or eval_every < 1):
-        raise ValueError(f"eval_every must be a positive integer or None, got {eval_every}")
-    if max_eval_pairs < 3:
-        raise ValueError(f"max_eval_pairs must be >= 3, got {max_eval_pairs}")
-
-
-def _cosine_schedules(optimizers, steps: int):
-    return [torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps) for opt in optimizers]
-
-
 class NeuralOTMap(_EmbeddingMap):
     """Neural OT map ``T: text-emb → video-emb`` with critic ``f`` (both 3-layer MLPs, ReLU + LayerNorm).
 
     Args:
         dim: embedding size ``D`` (text and video live in the same ``D``-d space, e.g. the encoder's ITC space).
         hidden: hidden width of ``T`` (``D → hidden → hidden → D``) and of ``f`` (``D → hidden → hidden → 1``).
+        layout: ``"linear_relu_norm"`` (the released PISCES MLP) or ``"linear_norm_relu"`` (older saved maps).
+        input_normalization: ``"l2"`` (default) or ``"none"``.
 
     ``ot_map(text[B, D]) -> [B, D]`` applies ``T`` to the L2-normalised text embeddings.
     """
 
-    def __init__(self, dim: int = 512, hidden: int = 1024):
-        super().__init__(dim, hidden)
+    def __init__(self, dim: int = 512, hidden: int = 1024, layout: str = "linear_relu_norm",
+                 input_normalization: str = "l2"):
+        super().__init__(dim, hidden, layout, input_normalization)
         if self.hidden < 1:
             raise ValueError(f"NeuralOTMap needs hidden >= 1, got {hidden}")
-        self.transport = mlp(self.dim, self.hidden, self.dim)  # T
-        self.critic = mlp(self.dim, self.hidden, 1)  # f
+        self.transport = mlp(self.dim, self.hidden, self.dim, layout)  # T
+        self.critic = mlp(self.dim, self.hidden, 1, layout)  # f
 
     def _map(self, y: Tensor) -> Tensor:
         return self.transport(y)
@@ -258,7 +233,8 @@ class NeuralOTMap(_EmbeddingMap):
 
     def fit(self, text_embeddings: Tensor, video_embeddings: Tensor, *, steps: int, batch_size: int = 128,
             lr: float = 1e-4, k_t: int = 10, val_fraction: float = 0.1, eval_every: Optional[int] = None,
-            seed: int = 0, progress: bool = True, max_eval_pairs: int = 2048) -> dict:
+            seed: int = 0, progress: bool = True, max_eval_pairs: int = 2048, grad_clip: Optional[float] = GRAD_CLIP,
+            min_lr_ratio: float = MIN_LR_RATIO) -> dict:
         """Train ``T`` and ``f`` on a captioned corpus (Korotin et al. 2023, Alg. 1 with the quadratic cost).
 
         Args:
@@ -266,7 +242,8 @@ class NeuralOTMap(_EmbeddingMap):
             video_embeddings: ``[N, D]`` embeddings of the paired real videos (row ``i`` of both = one pair).
             steps: outer steps; each runs ``k_t`` Adam steps on ``T`` and one on ``f`` (fresh batches each).
             batch_size: samples per batch (capped at the training-set size).
-            lr: Adam learning rate of ``T`` and ``f``, decayed to 0 by a cosine schedule over ``steps``.
+            lr: Adam learning rate of ``T`` and ``f`` (weight decay 1e-10), decayed by a cosine schedule over
+                ``steps`` to ``min_lr_ratio * lr``.
             k_t: ``T`` steps per critic step.
             val_fraction: share of pairs held out for model selection (0: none, keep the last weights): the
                 first ``round(val_fraction * N)`` indices of ``torch.randperm(N)`` drawn with ``seed``.
@@ -274,17 +251,27 @@ class NeuralOTMap(_EmbeddingMap):
             seed: seeds the train/held-out split and the batch sampling (weights are initialised at construction).
             progress: show a tqdm progress bar.
             max_eval_pairs: cap on the held-out pairs scored (the metrics cost O(N²) memory).
+            grad_clip: max gradient norm of each network at each of its steps (None = no clipping); released 1.0.
+            min_lr_ratio: the cosine schedule's floor as a fraction of ``lr``; released 0.05.
 
         Returns:
-            ``{"train": [{"step", "loss_T", "loss_f"}...], "eval": [{"step", "mknn", "spearman"}...],
-            "identity": {...}, "best": {...}, "num_train", "num_val"}`` — losses averaged since the previous
-            record; ``identity`` scores the unmapped text; ``best`` is the restored checkpoint.
+            ``{"train": [{"step", "loss_T", "loss_f", "lr"}...], "eval": [{"step", "mknn", "spearman"}...],
+            "identity": {...}, "best": {...}, "num_train", "num_val"}`` — losses and learning rate (after each
+            step) averaged since the previous record; ``identity`` scores the unmapped text; ``best`` is the
+            restored checkpoint.
         """
         if isinstance(k_t, bool) or int(k_t) != k_t or k_t < 1:
             raise ValueError(f"k_t must be a positive integer, got {k_t}")
-        opt_t = torch.optim.Adam(self.transport.parameters(), lr=lr)
-        opt_f = torch.optim.Adam(self.critic.parameters(), lr=lr)
-        schedules = _cosine_schedules([opt_t, opt_f], int(steps))
+        if (grad_clip is not None and not grad_clip > 0) or not 0 <= min_lr_ratio <= 1:
+            raise ValueError(f"grad_clip must be > 0 or None and min_lr_ratio in [0, 1], got {grad_clip}, "
+                             f"{min_lr_ratio}")
+        opt_t = torch.optim.Adam(self.transport.parameters(), lr=lr, weight_decay=WEIGHT_DECAY)
+        opt_f = torch.optim.Adam(self.critic.parameters(), lr=lr, weight_decay=WEIGHT_DECAY)
+        schedules = _cosine_schedules([opt_t, opt_f], int(steps), min_lr_ratio)
+
+        def clip(module: nn.Module) -> None:
+            if grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(module.parameters(), grad_clip)
 
         def make_step(batches: _Batches):
             def step() -> dict:
@@ -295,6 +282,7 @@ class NeuralOTMap(_EmbeddingMap):
                     loss_t = F.mse_loss(mapped, y) - self.potential(mapped).mean()
                     opt_t.zero_grad(set_to_none=True)
                     loss_t.backward()
+                    clip(self.transport)
                     opt_t.step()
                 self.critic.requires_grad_(True)
                 with torch.no_grad():
@@ -302,10 +290,11 @@ class NeuralOTMap(_EmbeddingMap):
                 loss_f = self.potential(mapped).mean() - self.potential(batches.video_batch()).mean()
                 opt_f.zero_grad(set_to_none=True)
                 loss_f.backward()
+                clip(self.critic)
                 opt_f.step()
                 for schedule in schedules:
                     schedule.step()
-                return {"loss_T": loss_t.item(), "loss_f": loss_f.item()}
+                return {"loss_T": loss_t.item(), "loss_f": loss_f.item(), "lr": opt_t.param_groups[0]["lr"]}
             return step
 
         return self._fit(text_embeddings, video_embeddings, steps=int(steps), batch_size=int(batch_size), lr=lr,
@@ -320,11 +309,16 @@ class L2RegressionMap(_EmbeddingMap):
         dim: embedding size ``D``.
         hidden: hidden width of the 3-layer MLP ``D → hidden → hidden → D`` (ReLU + LayerNorm);
             ``hidden=0`` gives a linear regression ``g(y) = W y + c``.
+        layout, input_normalization: as for :class:`NeuralOTMap` (the same MLP as ``T``).
+
+    Trained with plain Adam and a cosine decay to 0 (the released code has no trainer for this baseline).
     """
 
-    def __init__(self, dim: int = 512, hidden: int = 1024):
-        super().__init__(dim, hidden)
-        self.regressor = nn.Linear(self.dim, self.dim) if self.hidden == 0 else mlp(self.dim, self.hidden, self.dim)
+    def __init__(self, dim: int = 512, hidden: int = 1024, layout: str = "linear_relu_norm",
+                 input_normalization: str = "l2"):
+        super().__init__(dim, hidden, layout, input_normalization)
+        self.regressor = (nn.Linear(self.dim, self.dim) if self.hidden == 0
+                          else mlp(self.dim, self.hidden, self.dim, layout))
 
     def _map(self, y: Tensor) -> Tensor:
         return self.regressor(y)
@@ -378,6 +372,14 @@ def _read_config(pretrained_dir: Union[str, Path]) -> tuple[Path, dict]:
 
 
 def load_map(pretrained_dir: Union[str, Path], device: Union[str, torch.device] = "cpu") -> _EmbeddingMap:
-    """Load whichever map (``NeuralOTMap`` or ``L2RegressionMap``) ``save_pretrained`` wrote to the directory."""
+    """Load whichever map (``NeuralOTMap`` or ``L2RegressionMap``) ``save_pretrained`` wrote to the directory.
+
+    A *file* (``.pt`` / ``.pth``) is read as a released PISCES OT-map checkpoint
+    (:func:`pisces_rl.ot.released.load_released_ot_map`).
+    """
+    if Path(pretrained_dir).is_file():
+        from .released import load_released_ot_map
+
+        return load_released_ot_map(pretrained_dir, device=device)
     _, config = _read_config(pretrained_dir)
     return MAP_CLASSES[config["map_type"]].from_pretrained(pretrained_dir, device=device)

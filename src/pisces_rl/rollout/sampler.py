@@ -10,6 +10,9 @@ SDE window (``sampling.sde_window = [start, stop]``, Flow-GRPO-Fast / MixGRPO): 
 initial noise per group, every difference between a group's videos then comes from the trained
 steps, instead of from noise the policy gradient cannot credit. ``None`` makes every step stochastic.
 
+Noise parametrisation (``sampling.sde_type``, recorded in ``Rollout.sde_type`` and used again when re-scoring):
+``"flow_grpo"`` or ``"dance_grpo"``, see :mod:`pisces_rl.rollout.sde`.
+
 Trained steps: only stochastic steps (``eta > 0``, inside the SDE window, and ``sigma_next > 0``, i.e.
 not the last of the T steps) have a log-probability. Of those ``T_s`` steps each video trains on
 ``K = ceil(train_timestep_fraction * T_s)``: all of them when the fraction is 1, otherwise an
@@ -24,7 +27,7 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from .sde import SDEStep, sde_step_with_logprob
+from .sde import SDEStep, check_sde_type, sde_step_with_logprob
 from .types import Rollout, in_sde_window
 
 __all__ = ["sample_rollout", "rescore_log_prob", "select_train_steps"]
@@ -43,6 +46,7 @@ def _check_sampling_cfg(cfg: Any) -> None:
         raise ValueError(f"sampling.train_timestep_fraction must lie in (0, 1], got {frac}")
     if getattr(cfg, "decode_chunk_size", 0) < 0:
         raise ValueError(f"sampling.decode_chunk_size must be >= 0, got {cfg.decode_chunk_size}")
+    check_sde_type(getattr(cfg, "sde_type", "flow_grpo"))
 
 
 def _window(cfg: Any, num_steps: int) -> Optional[Tuple[int, int]]:
@@ -86,8 +90,9 @@ def sample_rollout(policy: Any, prompts: Sequence[str], sampling_cfg: Any, gener
         policy: a :class:`pisces_rl.models.VideoPolicy`.
         prompts: B prompts (repeat a prompt G times for a GRPO group).
         sampling_cfg: a ``SamplingConfig``-like object (``num_frames, height, width,
-            num_inference_steps, guidance_scale, eta, train_timestep_fraction, decode_chunk_size,
-            negative_prompt, max_sequence_length``). CFG runs when ``guidance_scale > 1``.
+            num_inference_steps, guidance_scale, eta, sde_type, train_timestep_fraction, decode_chunk_size,
+            negative_prompt, max_sequence_length``; a missing ``sde_type`` means ``"flow_grpo"``). CFG runs
+            when ``guidance_scale > 1``.
         generator: torch generator (or one per video) for the initial noise, the SDE noise and the
             choice of trained steps.
         latents: optional initial noise ``[B, C, F, h, w]`` (otherwise drawn like ``pipe(...)`` does).
@@ -111,6 +116,7 @@ def sample_rollout(policy: Any, prompts: Sequence[str], sampling_cfg: Any, gener
     timesteps, sigmas = policy.flow_schedule(cfg.num_inference_steps)
     window = _window(cfg, len(timesteps))
     block = int(getattr(cfg, "noise_block", 1))
+    sde_type = getattr(cfg, "sde_type", "flow_grpo")
 
     if latents is None:
         x = randn_tensor(shape, generator=generator, device=policy.device, dtype=torch.float32)
@@ -124,7 +130,7 @@ def sample_rollout(policy: Any, prompts: Sequence[str], sampling_cfg: Any, gener
     for i in range(len(timesteps)):
         velocity = policy.predict_velocity(x, timesteps[i], prompt_embeds, negative_embeds, guidance)
         step = sde_step_with_logprob(velocity, x, sigmas[i], sigmas[i + 1], eta if noisy[i] else 0.0,
-                                     generator=generator, noise_block=block)
+                                     generator=generator, noise_block=block, sde_type=sde_type)
         x = step.prev_sample
         trajectory.append(x)
         log_probs.append(step.log_prob)
@@ -145,6 +151,7 @@ def sample_rollout(policy: Any, prompts: Sequence[str], sampling_cfg: Any, gener
         eta=eta,
         sde_window=window,
         noise_block=block,
+        sde_type=sde_type,
     )
 
 
@@ -184,4 +191,5 @@ def rescore_log_prob(policy: Any, rollout: Rollout, step_index: Union[int, torch
     velocity = policy.predict_velocity(x_t, rollout.timesteps[steps], rollout.prompt_embeds[rows], negative,
                                        rollout.guidance_scale)
     return sde_step_with_logprob(velocity, x_t, rollout.sigmas[steps], rollout.sigmas[steps + 1],
-                                 rollout.step_eta(steps), prev_sample=x_next, noise_block=rollout.noise_block)
+                                 rollout.step_eta(steps), prev_sample=x_next, noise_block=rollout.noise_block,
+                                 sde_type=rollout.sde_type)

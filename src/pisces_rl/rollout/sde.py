@@ -7,26 +7,48 @@ Conventions (diffusers' flow matching, as in Wan / HunyuanVideo / SD3): time is 
 
 is the velocity the denoiser predicts. The deterministic sampler is Euler on the ODE,
 ``x_next = x + (sigma_next - sigma) * v``. To get a stochastic policy with a tractable
-likelihood we use the reverse-time SDE with the same marginals (Flow-GRPO, Liu et al. 2025)::
+likelihood we use the reverse-time SDE with the same marginals::
 
-    dx = [ v + s_t^2 / (2 sigma) * (x + (1 - sigma) * v) ] dsigma  +  s_t dw,
-    s_t = eta * sqrt(sigma / (1 - sigma))
+    dx = [ v + s_t^2 / (2 sigma) * (x + (1 - sigma) * v) ] dsigma  +  s_t dw
 
 where ``-(x + (1 - sigma) v) / sigma`` is the score of ``x_sigma``. One Euler-Maruyama step with
 ``dt = sigma_next - sigma < 0`` gives the Gaussian transition ``x_next ~ N(mean, std^2 I)``::
 
     mean = x * (1 + s_t^2 / (2 sigma) * dt) + v * (1 + s_t^2 * (1 - sigma) / (2 sigma)) * dt
-    std  = s_t * sqrt(-dt) = eta * sqrt(sigma / (1 - sigma)) * sqrt(sigma - sigma_next)
+    std  = s_t * sqrt(-dt)
+
+Two diffusion coefficients ``s_t`` are offered (``sampling.sde_type``); they share the mean above and
+differ only in how ``eta`` sets the noise:
+
+* ``"flow_grpo"`` (Flow-GRPO, yifan123/flow_grpo ``flow_grpo/diffusers_patch/sd3_sde_with_logprob.py``)::
+
+      s_t = eta * sqrt(sigma / (1 - sigma)),     std = eta * sqrt(sigma / (1 - sigma)) * sqrt(sigma - sigma_next)
+
+  large near pure noise, small near the data.
+* ``"dance_grpo"`` (DanceGRPO ``flux_step``, XueZeyue/DanceGRPO ``fastvideo/train_grpo_hunyuan.py``; copied
+  unchanged into the PISCES code, roar-ai/pisces ``fastvideo/distill_grpo.py``, called with ``eta=0.25``)::
+
+      s_t = eta,                                 std = eta * sqrt(sigma - sigma_next)
+
+  Their mean is written ``x + dsigma * v - 0.5 * eta^2 * score * dsigma`` with
+  ``score = -(x - x0_hat * (1 - sigma)) / sigma^2`` and ``x0_hat = x - sigma * v``, which is the formula
+  above with ``s_t = eta``. On a shift-2, 16-step schedule at ``eta = 0.25`` the per-step std runs from
+  0.25 down to 0.034 for ``flow_grpo`` and from 0.046 up to 0.088 for ``dance_grpo``; the total injected
+  variance is 0.256 and 0.062 (:func:`sde_std_table` computes both for any schedule).
 
 Edge cases, handled explicitly:
 
-* ``sigma == 1`` (the first step): ``sigma / (1 - sigma)`` is infinite. As in Flow-GRPO, which
-  uses the second sigma of the schedule there, the denominator becomes ``1 - sigma_next``.
+* ``sigma == 1`` (the first step): for ``flow_grpo``, ``sigma / (1 - sigma)`` is infinite. As in Flow-GRPO,
+  which uses the second sigma of the schedule there, the denominator becomes ``1 - sigma_next``.
+  ``dance_grpo`` needs no special case (its score term is ``-x`` there).
 * ``sigma_next == 0`` (the last step) and ``eta == 0``: the step is deterministic. We return the
   plain Euler step (``mean`` reduces to ``x + dt * v`` when ``s_t = 0``), ``std = 0`` and
   ``log_prob = 0``: a point mass has no density, so these steps contribute a ratio of exactly 1
   and no policy gradient, and the sampler leaves them out of the trained steps. Ending on a
-  deterministic step also means the final latent carries no leftover injected noise.
+  deterministic step also means the final latent carries no leftover injected noise. For both types
+  this is the latent the reference code decodes: DanceGRPO and PISCES decode the last step's
+  ``x0_hat = x - sigma * v``, which is this Euler step to ``sigma_next = 0`` (they still draw noise
+  and a log-prob for that step, whose noise never reaches the decoded video; we do not train it).
 
 Low-dimensional exploration (``noise_block = k > 1``): the noise lives on the subspace of latents that are
 constant on ``k x k`` spatial blocks, with the orthonormal basis ``U z = upsample_k(z) / k``
@@ -41,7 +63,9 @@ small budgets exploring the coarse layout (where objects are, where they move) g
 signal; the component of the mean off the subspace is followed deterministically and is not scored.
 
 ``log_prob`` is the Gaussian log-density **averaged** (not summed) over all non-batch
-elements, the Flow-GRPO convention: it keeps the scale independent of the video size. All maths
+elements, the Flow-GRPO and DanceGRPO convention: it keeps the scale independent of the video size.
+(The copy of ``flux_step`` in the PISCES ``distill_grpo.py`` loses the constant ``-log(std) - log sqrt(2 pi)``
+to a line break; the constant cancels in every ratio, so only the reported value differs.) All maths
 is in float32 whatever the model dtype.
 
 Example::
@@ -57,12 +81,15 @@ Example::
 from __future__ import annotations
 
 import math
-from typing import List, NamedTuple, Optional, Union
+from typing import List, NamedTuple, Optional, Tuple, Union
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-__all__ = ["SDEStep", "sde_step_with_logprob", "sde_std"]
+__all__ = ["SDEStep", "SDE_TYPES", "sde_step_with_logprob", "sde_std", "sde_std_table", "check_sde_type"]
+
+SDE_TYPES = ("flow_grpo", "dance_grpo")
+"""Names of the diffusion coefficients ``s_t`` (module docstring): Flow-GRPO's and DanceGRPO's / PISCES's."""
 
 Scalar = Union[float, torch.Tensor]
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
@@ -97,18 +124,61 @@ def _as_batch_column(value: Scalar, name: str, batch: int, ndim: int, device: to
     return t.reshape(-1, *([1] * (ndim - 1)))
 
 
-def sde_std(sigma: torch.Tensor, sigma_next: torch.Tensor, eta: Scalar) -> torch.Tensor:
-    """Transition std ``eta * sqrt(sigma / (1 - sigma~)) * sqrt(sigma - sigma_next)``, 0 when deterministic.
+def check_sde_type(sde_type: str) -> str:
+    """``sde_type`` if it is one of :data:`SDE_TYPES`, else a ``ValueError`` naming the choices."""
+    if sde_type not in SDE_TYPES:
+        raise ValueError(f"sde_type must be one of {', '.join(repr(t) for t in SDE_TYPES)} (sampling.sde_type), "
+                         f"got {sde_type!r}")
+    return sde_type
 
-    ``sigma~`` is ``sigma`` except at ``sigma == 1``, where it is ``sigma_next`` (no division by zero).
-    Shapes broadcast; returns float32.
+
+def sde_std(sigma: Scalar, sigma_next: Scalar, eta: Scalar, sde_type: str = "flow_grpo") -> torch.Tensor:
+    """Transition std, 0 when deterministic (``sigma_next == 0``).
+
+    ``"flow_grpo"``: ``eta * sqrt(sigma / (1 - sigma~)) * sqrt(sigma - sigma_next)``, where ``sigma~`` is
+    ``sigma`` except at ``sigma == 1``, where it is ``sigma_next`` (no division by zero).
+    ``"dance_grpo"``: ``eta * sqrt(sigma - sigma_next)``.
+    Shapes broadcast; float64 inputs give float64, anything else float32.
     """
-    sigma = sigma.float()
-    sigma_next = sigma_next.float()
-    denom_sigma = torch.where(sigma >= 1.0, sigma_next, sigma)
-    s_t = eta * torch.sqrt(sigma / (1.0 - denom_sigma))
+    check_sde_type(sde_type)
+    sigma = torch.as_tensor(sigma)
+    dtype = torch.float64 if sigma.dtype == torch.float64 else torch.float32
+    sigma = sigma.to(dtype)
+    sigma_next = torch.as_tensor(sigma_next, device=sigma.device).to(dtype)
+    if sde_type == "flow_grpo":
+        s_t = eta * torch.sqrt(sigma / (1.0 - torch.where(sigma >= 1.0, sigma_next, sigma)))
+    else:
+        s_t = eta * torch.ones_like(sigma)
     std = s_t * torch.sqrt((sigma - sigma_next).clamp_min(0.0))
     return torch.where(sigma_next > 0, std, torch.zeros_like(std))
+
+
+def sde_std_table(sigmas: torch.Tensor, eta: float, sde_type: str = "flow_grpo",
+                  sde_window: Optional[Tuple[int, int]] = None) -> Tuple[torch.Tensor, float]:
+    """Per-step transition std of a schedule and the total variance the sampler injects.
+
+    Args:
+        sigmas: ``[T+1]`` noise levels of the schedule, ``sigmas[0] = 1 ... sigmas[T] = 0``.
+        eta: the SDE noise level.
+        sde_type: one of :data:`SDE_TYPES`.
+        sde_window: ``(start, stop)``: only steps ``start <= i < stop`` inject noise (None = all).
+
+    Returns:
+        ``(std [T] float64, total)``: ``std[i]`` is step ``i``'s std (0 for ODE steps and the last step) and
+        ``total = sum_i std[i]^2`` the injected variance per latent element.
+
+    Example::
+
+        >>> from diffusers import FlowMatchEulerDiscreteScheduler
+        >>> s = FlowMatchEulerDiscreteScheduler(shift=2.0); s.set_timesteps(16)
+        >>> std, total = sde_std_table(s.sigmas, 0.25, "dance_grpo")   # 0.046 ... 0.088, total 0.062
+    """
+    sig = torch.as_tensor(sigmas).detach().cpu().to(torch.float64).flatten()
+    std = sde_std(sig[:-1], sig[1:], float(eta), sde_type)
+    if sde_window is not None:
+        steps = torch.arange(std.numel())
+        std = torch.where((steps >= sde_window[0]) & (steps < sde_window[1]), std, torch.zeros_like(std))
+    return std, float(std.square().sum())
 
 
 def sde_step_with_logprob(
@@ -121,8 +191,9 @@ def sde_step_with_logprob(
     generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
     noise: Optional[torch.Tensor] = None,
     noise_block: int = 1,
+    sde_type: str = "flow_grpo",
 ) -> SDEStep:
-    """One Flow-GRPO SDE step ``x_sigma -> x_sigma_next`` and the log-probability of its result.
+    """One SDE step ``x_sigma -> x_sigma_next`` (Flow-GRPO or DanceGRPO noise) and its log-probability.
 
     Args:
         velocity: ``[B, C, F, h, w]`` (any ``[B, ...]``) predicted velocity ``v = eps - x0`` at
@@ -139,18 +210,21 @@ def sde_step_with_logprob(
             ``noise_block = k`` its block average is used (``P eps = U z``, ``z = U^T eps ~ N(0, I)``).
         noise_block: ``k``; 1 = i.i.d. noise on every latent element. ``k > 1`` = low-dimensional
             exploration: one noise draw per ``k x k`` spatial block (see the module docstring).
+        sde_type: the diffusion coefficient, ``"flow_grpo"`` (``s_t = eta sqrt(sigma / (1 - sigma))``) or
+            ``"dance_grpo"`` (``s_t = eta``, the DanceGRPO / PISCES code); see the module docstring.
 
     Returns:
         :class:`SDEStep` ``(prev_sample, log_prob [B], mean [B, ...], std [B, 1, ...])``, all float32.
 
     Raises:
-        ValueError: on mismatched shapes, negative ``eta``, or a sigma pair that does not step
-            down within [0, 1].
+        ValueError: on mismatched shapes, negative ``eta``, an unknown ``sde_type``, or a sigma pair that
+            does not step down within [0, 1].
     """
     if velocity.shape != latents.shape:
         raise ValueError(f"velocity {tuple(velocity.shape)} and latents {tuple(latents.shape)} must have the same shape")
     if prev_sample is not None and prev_sample.shape != latents.shape:
         raise ValueError(f"prev_sample {tuple(prev_sample.shape)} must have the latents' shape {tuple(latents.shape)}")
+    check_sde_type(sde_type)
     batch, ndim, device = latents.shape[0], latents.ndim, latents.device
     eta = _as_batch_column(eta, "eta", batch, ndim, device)
     if bool((eta < 0).any()):
@@ -170,7 +244,7 @@ def sde_step_with_logprob(
         raise ValueError(f"noise_block must be >= 1 and divide the latent height and width "
                          f"{tuple(x.shape[-2:])}, got {noise_block}")
     dt = sigma_n - sigma_t  # < 0
-    std = sde_std(sigma_t, sigma_n, eta)
+    std = sde_std(sigma_t, sigma_n, eta, sde_type)
     # s_t^2 = std^2 / (-dt); zero on deterministic steps, where mean is the plain Euler step.
     s2 = std.square() / (-dt)
     if k == 1:

@@ -54,6 +54,7 @@ class Rollout:
     eta: float = 0.0                                # SDE noise level used when sampling (needed to re-score)
     sde_window: Optional[Tuple[int, int]] = None    # steps [start, stop) sampled with eta; the rest are ODE steps
     noise_block: int = 1                            # SDE noise: one draw per k x k latent block (1 = per element)
+    sde_type: str = "flow_grpo"                     # SDE noise parametrisation ("flow_grpo" | "dance_grpo")
 
     _BATCHED = ("prompt_embeds", "negative_prompt_embeds", "latents", "log_probs", "train_step_indices", "videos")
 
@@ -147,6 +148,7 @@ def cat(rollouts: Sequence[Rollout]) -> Rollout:
             and r.eta == first.eta
             and r.sde_window == first.sde_window
             and r.noise_block == first.noise_block
+            and r.sde_type == first.sde_type
             and r.train_step_indices.shape[1] == first.train_step_indices.shape[1]
             and (r.negative_prompt_embeds is None) == (first.negative_prompt_embeds is None)
             and (r.videos is None) == (first.videos is None)
@@ -154,7 +156,7 @@ def cat(rollouts: Sequence[Rollout]) -> Rollout:
         if not same:
             raise ValueError(
                 "cannot cat rollouts sampled with different settings (steps, sigmas, guidance_scale, eta, sde_window, "
-                "noise_block, train_timestep_fraction, CFG or decoding); sample them with the same SamplingConfig"
+                "noise_block, sde_type, train_timestep_fraction, CFG or decoding); sample them with the same SamplingConfig"
             )
     batched = {}
     for name in Rollout._BATCHED:
