@@ -13,8 +13,8 @@ import yaml
 from PIL import Image
 
 from _launch import accelerate_launch
-from pisces_rl.trainer.accel import (_fill_deepspeed_config, build_accelerator, gather_lora_state_dict,
-                                     gradient_sync, is_deepspeed, zero_stage)
+from pisces_rl.trainer.accel import (_fill_deepspeed_config, build_accelerator, gather_full_state_dict,
+                                     gather_lora_state_dict, gradient_sync, is_deepspeed, zero_stage)
 from pisces_rl.trainer.tracking import (flatten_config, format_summary, init_trackers, plot_curve, save_video,
                                         save_video_grid)
 
@@ -126,6 +126,25 @@ def test_gather_lora_state_dict_uses_peft_for_peft_models(monkeypatch):
     assert list(state) == ["lora_B.weight"] and calls == [model]
     with pytest.raises(ValueError, match="frozen parameters"):
         gather_lora_state_dict(acc, model, state_dict_fn=lambda m: {"x": torch.empty(0)})
+
+
+def test_gather_full_state_dict_single_process_matches_state_dict_in_small_buckets():
+    class WithBuffers(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = _lora_like()
+            self.register_buffer("running", torch.arange(3.0))                  # persistent: saved
+            self.register_buffer("table", torch.ones(2), persistent=False)      # non-persistent: not saved
+
+    acc = build_accelerator()
+    module = WithBuffers()
+    model = acc.prepare(module)
+    state = gather_full_state_dict(acc, model, bucket_numel=5)                 # buckets smaller than a weight
+    expected = module.state_dict()
+    assert state.keys() == expected.keys() and "table" not in state and "body.0.weight" in state  # frozen too
+    assert all(torch.equal(state[k], v) and state[k].device.type == "cpu" for k, v in expected.items())
+    state["running"].add_(1.0)                                                  # copies, not views
+    assert torch.equal(module.running, torch.arange(3.0))
 
 
 def test_gradient_sync_sets_and_restores_the_boundary_flag():
@@ -268,3 +287,22 @@ def test_two_processes_train_checkpoint_and_resume(tmp_path, config, kind, stage
     assert result["resume_exact"] and result["third_step_moved"]
     assert result["lora_shapes"] == {"0.lora_A": [2, 6], "0.lora_B": [8, 2], "2.lora_A": [2, 8], "2.lora_B": [3, 2]}
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["checkpoint-000002"]
+
+
+@pytest.mark.distributed
+def test_full_finetune_under_zero3_two_processes_resumes_exactly(tmp_path):
+    """model.finetune=full, 2 CPU processes, ZeRO-3: 2 + 2 steps with a resume equal 4 straight steps, the saved
+    denoiser loads with from_pretrained, and train/update_ratio is exact on partitioned weights (full and LoRA)."""
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed is not installed")
+    proc = accelerate_launch("zero3", ROOT / "tests" / "_full_ft_worker.py", [str(tmp_path)], timeout=400)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    r = json.loads((tmp_path / "result.json").read_text())
+    assert r["num_processes"] == 2 and r["zero_stage"] == 3
+    assert r["keys_equal"] and r["no_lora_dir"] and r["moved_from_base"] > 0.9
+    assert r["max_diff_resume"] < 1e-6, r["max_diff_resume"]
+    assert len(r["ratios_a"]) == len(r["ratios_b"]) == 4 and all(x > 0 for x in r["ratios_a"])
+    np.testing.assert_allclose(r["ratios_a"], r["ratios_b"], rtol=1e-5)
+    assert abs(r["full_ratio"] - 0.01) < 1e-6 and r["full_ratio_ranks_equal"]
+    assert r["lora_ratio"] == pytest.approx(r["lora_expected"], rel=1e-6) and r["lora_expected"] > 0
+    assert any(name.endswith(".safetensors") for name in r["checkpoint_weights"])

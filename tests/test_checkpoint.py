@@ -154,6 +154,18 @@ def test_bad_arguments_raise_before_writing(tmp_path):
     assert not (tmp_path / "checkpoints").exists()
 
 
+def test_weights_dir_names_the_trained_weights_folder(tmp_path):
+    acc, model, _, _ = make_run(tmp_path)
+    seen = []
+    path = save_checkpoint(acc, tmp_path, 1, models=[model], lora_saver=seen.append, weights_dir="transformer")
+    assert len(seen) == 1 and os.path.basename(seen[0]) == "transformer"       # written inside the .tmp folder
+    assert os.path.isdir(os.path.join(path, "transformer"))                     # ... that became the checkpoint
+    assert not os.path.exists(os.path.join(path, "lora"))
+    for bad in ("", "../x", ".hidden", os.path.join("a", "b")):
+        with pytest.raises(ValueError, match="weights_dir"):
+            save_checkpoint(acc, tmp_path, 2, models=[model], lora_saver=seen.append, weights_dir=bad)
+
+
 def test_config_hash_ignores_key_order():
     assert config_hash({"a": 1, "b": {"c": [1, 2]}}) == config_hash({"b": {"c": [1, 2]}, "a": 1})
     assert config_hash({"a": 1}) != config_hash({"a": 2})

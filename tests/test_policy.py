@@ -1,4 +1,4 @@
-"""VideoPolicy: tiny in-code Wan pipeline, peft LoRA wrapping, diffusers-format save/load, errors."""
+"""VideoPolicy: tiny in-code Wan pipeline, peft LoRA wrapping, full fine-tuning, diffusers-format save/load, errors."""
 import logging
 import time
 from types import SimpleNamespace
@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import WanPipeline
 
-from pisces_rl.models import build_policy, build_tiny_tokenizer, build_tiny_wan_pipeline, get_family
+from pisces_rl.models import VideoPolicy, WanFamily, build_policy, build_tiny_tokenizer, build_tiny_wan_pipeline, get_family
 
 PROMPTS = ["two red squares moving left", "a blue circle"]
 CALL = dict(num_frames=5, height=32, width=32, num_inference_steps=3, guidance_scale=4.0,
@@ -194,6 +194,98 @@ def test_load_lora_with_wrong_rank_or_targets_is_a_clear_error(tmp_path):
         build_policy(model_cfg(lora_target_modules=["to_q"], lora_path=str(tmp_path)), device="cpu")
     with pytest.raises(FileNotFoundError, match="lora_path"):
         build_policy(model_cfg(lora_path=str(tmp_path / "missing")), device="cpu")
+
+
+# ------------------------------------------------------------------ full fine-tuning
+def perturb_all(policy, seed=2, scale=0.05):
+    """Move every trainable weight (full fine-tuning) so the policy differs from the base model."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in policy.trainable_parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * scale)
+
+
+def test_full_finetune_trains_every_denoiser_weight_in_fp32():
+    policy = build_policy(model_cfg(finetune="full"), device="cpu")
+    named = dict(policy.transformer.named_parameters())
+    assert len(policy.trainable_parameters()) == len(named) == 69     # the whole tiny transformer, no adapter
+    assert all(p.requires_grad and p.dtype == torch.float32 for p in named.values())
+    assert not any("lora" in n for n in named) and not getattr(policy.transformer, "peft_config", None)
+    assert policy.weights_dirname == "transformer" and policy.reference is not None
+    assert not any(p.requires_grad for p in policy.reference.parameters())
+    for module in (policy.pipeline.vae, policy.pipeline.text_encoder):
+        assert not any(p.requires_grad for p in module.parameters())
+
+
+def test_full_finetune_reference_is_the_frozen_base_denoiser():
+    policy = build_policy(model_cfg(finetune="full"), device="cpu")
+    base = build_tiny_wan_pipeline(0)
+    x, t, emb, neg = velocity_inputs(policy)
+    with torch.no_grad():
+        start = policy.predict_velocity(x, t, emb, neg, 4.0)
+        perturb_all(policy)
+        tuned = policy.predict_velocity(x, t, emb, neg, 4.0)
+        with policy.lora_disabled():
+            reference = policy.predict_velocity(x, t, emb, neg, 4.0)
+        with policy.reference_model():
+            assert torch.equal(policy.predict_velocity(x, t, emb, neg, 4.0), reference)
+        again = policy.predict_velocity(x, t, emb, neg, 4.0)
+        out = base.transformer(hidden_states=torch.cat([x, x]), timestep=t.expand(4),
+                               encoder_hidden_states=torch.cat([neg, emb]), return_dict=False)[0]
+    uncond, cond = out.chunk(2)
+    torch.testing.assert_close(reference, uncond + 4.0 * (cond - uncond), atol=1e-5, rtol=0)
+    torch.testing.assert_close(start, reference, atol=1e-6, rtol=0)      # the initial policy is the base model
+    assert (tuned - reference).abs().max() > 1e-3
+    torch.testing.assert_close(again, tuned, atol=0, rtol=0)
+
+
+def test_full_finetune_keeps_fp32_master_weights_and_a_half_precision_reference():
+    pipe = build_tiny_wan_pipeline(0)
+    policy = VideoPolicy(pipe, WanFamily(), dtype=torch.bfloat16, device="cpu", finetune="full")
+    assert policy.transformer.dtype == torch.float32 and policy.reference.dtype == torch.bfloat16
+    x, t, emb, neg = velocity_inputs(policy)                             # text embeddings in bf16
+    assert emb.dtype == torch.bfloat16
+    with torch.no_grad():
+        tuned = policy.predict_velocity(x, t, emb, neg, 4.0)             # fp32 inputs to the fp32 denoiser
+        with policy.lora_disabled():
+            reference = policy.predict_velocity(x, t, emb, neg, 4.0)     # bf16 inputs to the bf16 copy
+    assert tuned.dtype == reference.dtype == torch.float32
+    assert (tuned - reference).abs().max() < 0.1                         # same weights, bf16 rounding only
+
+
+def test_full_finetune_saves_a_diffusers_denoiser(tmp_path):
+    from diffusers import WanTransformer3DModel
+
+    policy = build_policy(model_cfg(finetune="full"), device="cpu")
+    perturb_all(policy)
+    policy.save_weights(str(tmp_path / "a"))
+    loaded = WanTransformer3DModel.from_pretrained(str(tmp_path / "a"))
+    ours = policy.transformer.state_dict()
+    assert loaded.state_dict().keys() == ours.keys()
+    assert all(torch.equal(v, ours[k]) for k, v in loaded.state_dict().items())
+    assert not list((tmp_path / "a").glob("*lora*"))
+    # a gathered (e.g. ZeRO-3 / EMA) state dict, keys possibly prefixed by a DDP wrapper, is what gets written
+    state = {f"module.{k}": v + 1.0 for k, v in policy.transformer.named_parameters()}
+    policy.save_lora(str(tmp_path / "b"), state_dict=state)             # save_lora = save_weights with full FT
+    loaded = WanTransformer3DModel.from_pretrained(str(tmp_path / "b")).state_dict()
+    assert all(torch.equal(loaded[k[len("module."):]], v) for k, v in state.items())
+    with pytest.raises(ValueError, match="not WanTransformer3DModel entries"):
+        policy.save_weights(str(tmp_path / "c"), state_dict={"no_such.weight": torch.zeros(1)})
+
+
+def test_full_finetune_rejects_lora_only_operations(tmp_path):
+    from pisces_rl.config import ConfigError, GRPOConfig, load_config
+
+    with pytest.raises(ValueError, match="model.lora_path"):
+        build_policy(model_cfg(finetune="full", lora_path=str(tmp_path)), device="cpu")
+    with pytest.raises(ConfigError, match="model.lora_path: .*finetune=full"):
+        load_config(GRPOConfig, overrides=["model.finetune=full", f"model.lora_path={tmp_path}"])
+    with pytest.raises(ConfigError, match="model.finetune"):
+        load_config(GRPOConfig, overrides=["model.finetune=partial"])
+    policy = build_policy(model_cfg(finetune="full"), device="cpu")
+    for call in (policy.lora_state_dict, lambda: policy.load_lora(str(tmp_path))):
+        with pytest.raises(ValueError, match="finetune='full'"):
+            call()
 
 
 # ------------------------------------------------------------------ configuration errors

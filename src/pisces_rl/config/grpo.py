@@ -58,12 +58,17 @@ def _positive(obj: object, *names: str, zero_ok: bool = False) -> None:
 
 @dataclass
 class ModelConfig(ConfigBase):
-    """The policy: a diffusers text-to-video pipeline whose denoiser gets LoRA adapters."""
+    """The policy: a diffusers text-to-video pipeline whose denoiser is trained by LoRA or in full."""
 
     pretrained: str = option("tiny", "diffusers pipeline directory or hub id; 'tiny' = a random tiny Wan built in "
                                      "code, 'shapes' = the ShapesWorld base model")
     family: str = option("wan", "pipeline adapter (module pisces_rl.models.<family>)")
-    dtype: str = option("fp32", "dtype of the frozen base weights (LoRA parameters stay fp32)",
+    finetune: str = option("lora", "what is trained: lora = a LoRA adapter on the frozen denoiser; full = every "
+                                   "denoiser weight, in fp32 master weights (shard them with ZeRO-2/3), with a frozen "
+                                   "copy of the base denoiser as KL/teacher reference (lora_* are then ignored)",
+                           choices=("lora", "full"))
+    dtype: str = option("fp32", "dtype of the frozen weights: the base denoiser (or, with finetune=full, its frozen "
+                                "reference copy) and the text encoder; trained parameters stay fp32",
                         choices=("fp32", "bf16", "fp16"))
     lora_rank: int = option(8, "LoRA rank r")
     lora_alpha: int = option(8, "LoRA scaling alpha (update scaled by alpha / r)")
@@ -82,6 +87,9 @@ class ModelConfig(ConfigBase):
         require(bool(self.lora_target_modules) and all(m.strip() for m in self.lora_target_modules),
                 "lora_target_modules", "must list at least one non-empty module name, e.g. [to_q,to_k,to_v]")
         require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+        require(self.finetune != "full" or self.lora_path is None, "lora_path",
+                "loads LoRA weights, but model.finetune=full trains the whole denoiser; set model.lora_path=null "
+                "(or model.finetune=lora)")
 
 
 @dataclass

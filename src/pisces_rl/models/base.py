@@ -1,4 +1,5 @@
-"""The policy: a diffusers text-to-video pipeline whose denoiser carries a trainable peft LoRA.
+"""The policy: a diffusers text-to-video pipeline whose denoiser is trained, through a peft LoRA adapter
+(``finetune="lora"``) or as a whole (``finetune="full"``, with a frozen copy of the base denoiser as reference).
 
 Family-specific code (prompt encoding, latent shape, the denoiser call, VAE decode) lives behind the
 small :class:`ModelFamily` protocol, one file per family (``models/wan.py``); everything else here is
@@ -7,6 +8,7 @@ embeddings ``[B, L, D]``.
 """
 from __future__ import annotations
 
+import copy
 import logging
 from contextlib import contextmanager
 from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple, Union
@@ -17,7 +19,9 @@ import torch.utils.checkpoint
 from . import lora as _lora
 
 __all__ = ["ModelFamily", "register_family", "get_family", "flow_match_schedule", "VideoPolicy", "build_policy",
-           "resolve_dtype"]
+           "resolve_dtype", "FINETUNE_MODES"]
+
+FINETUNE_MODES = ("lora", "full")
 
 logger = logging.getLogger(__name__)
 
@@ -138,24 +142,41 @@ def _cast_floating(module: torch.nn.Module, dtype: torch.dtype) -> None:
 
 
 class VideoPolicy:
-    """A diffusers T2V pipeline with a LoRA-wrapped denoiser; base weights frozen, LoRA in float32.
+    """A diffusers T2V pipeline whose denoiser is trained by LoRA or in full.
+
+    ``finetune="lora"`` (default): the base denoiser is frozen in ``dtype`` and carries a float32 peft LoRA
+    adapter; the reference model (KL, teacher, "before" evaluation) is the same denoiser with the adapter
+    disabled. ``finetune="full"``: every denoiser weight is trainable and kept in float32 (the master weights;
+    under DeepSpeed ZeRO-2/3 the optimiser shards them and keeps its own float32 copy when the run is bf16);
+    the reference model is a frozen copy of the base denoiser in ``dtype`` made before training
+    (:attr:`reference`; one whole copy per process, also under ZeRO-3). ``lora_*`` arguments are ignored.
 
     Attributes:
-        pipeline: the diffusers pipeline (its ``transformer`` carries the ``"default"`` LoRA adapter).
+        pipeline: the diffusers pipeline (with LoRA its ``transformer`` carries the ``"default"`` adapter).
         family: the :class:`ModelFamily` adapter.
-        transformer: the LoRA-wrapped denoiser (unwrapped module: LoRA save/load/disable go here).
+        finetune: ``"lora"`` or ``"full"``.
+        transformer: the trained denoiser (unwrapped module: save/load/disable go here).
+        reference: ``finetune="full"`` only: the frozen base denoiser (``None`` with LoRA).
         denoiser: the callable used for forward passes; defaults to ``transformer``. A trainer may set it
             to the distributed wrapper of ``transformer`` (e.g. the module returned by ``accelerator.prepare``).
-        dtype: dtype of the base transformer and text encoder (the VAE is kept in float32).
+        dtype: dtype of the frozen weights (base transformer or reference copy) and text encoder (the VAE is
+            kept in float32).
     """
 
     def __init__(self, pipeline: Any, family: ModelFamily, *, lora_rank: int = 8, lora_alpha: float = 8,
                  lora_target_modules: Sequence[str] = ("to_q", "to_k", "to_v", "to_out.0"),
                  dtype: torch.dtype = torch.float32, device: Optional[Union[str, torch.device]] = None,
-                 gradient_checkpointing: bool = False, lora_path: Optional[str] = None, seed: int = 0):
+                 gradient_checkpointing: bool = False, lora_path: Optional[str] = None, seed: int = 0,
+                 finetune: str = "lora"):
+        if finetune not in FINETUNE_MODES:
+            raise ValueError(f"model.finetune must be one of {FINETUNE_MODES}, got {finetune!r}")
+        if finetune == "full" and lora_path:
+            raise ValueError("model.lora_path loads LoRA weights, but model.finetune=full trains the whole denoiser; "
+                             "set model.lora_path=null (or model.finetune=lora)")
         family.validate(pipeline)
         self.pipeline = pipeline
         self.family = family
+        self.finetune = finetune
         self.dtype = dtype
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         for name in ("text_encoder", "vae", "transformer"):
@@ -167,47 +188,95 @@ class VideoPolicy:
         _cast_floating(pipeline.vae, torch.float32)
         self.transformer = family.denoiser(pipeline)
         _cast_floating(self.transformer, dtype)
-        # LoRA is added before the move so its seeded init is the same whatever the device
-        _lora.add_lora(self.transformer, lora_rank, lora_alpha, lora_target_modules, seed=seed)
+        self.reference: Optional[torch.nn.Module] = None
+        if finetune == "full":
+            self.reference = copy.deepcopy(self.transformer).eval().to(self.device)
+            _cast_floating(self.transformer, torch.float32)           # fp32 master weights
+            self.transformer.requires_grad_(True)
+        else:
+            # LoRA is added before the move so its seeded init is the same whatever the device
+            _lora.add_lora(self.transformer, lora_rank, lora_alpha, lora_target_modules, seed=seed)
         pipeline.to(self.device)
         if gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
         if lora_path:
             self.load_lora(lora_path)
         self.denoiser: Callable = self.transformer
+        self._use_reference = False
 
     def set_training_module(self, module: Callable) -> None:
         """Route forward passes through ``module``, a distributed wrapper of :attr:`transformer` (e.g. the
         model returned by ``accelerator.prepare(policy.transformer)``) so gradient sync hooks run."""
         self.denoiser = module
 
-    # ----------------------------------------------------------------- LoRA
+    # ----------------------------------------------------------------- trained weights
+    @property
+    def weights_dirname(self) -> str:
+        """Folder name of the trained weights in a run directory: ``"lora"`` or ``"transformer"`` (full)."""
+        return "transformer" if self.finetune == "full" else "lora"
+
     def trainable_parameters(self) -> List[torch.nn.Parameter]:
-        """The LoRA parameters (float32, ``requires_grad=True``); every base weight is frozen."""
+        """The trained parameters, float32, ``requires_grad=True``: the LoRA parameters (every base weight
+        frozen), or with ``finetune="full"`` every denoiser parameter."""
         return [p for p in self.transformer.parameters() if p.requires_grad]
 
     @contextmanager
     def lora_disabled(self) -> Iterator["VideoPolicy"]:
-        """Inside the block the policy is the base model (the KL reference); LoRA is restored on exit."""
+        """Inside the block the policy is the base model (the KL / teacher reference): the adapter is
+        bypassed (LoRA) or forward passes go to the frozen :attr:`reference` copy (full); restored on exit."""
+        if self.finetune == "full":
+            previous, self._use_reference = self._use_reference, True
+            try:
+                yield self
+            finally:
+                self._use_reference = previous
+            return
         with _lora.lora_disabled(self.transformer):
             yield self
 
+    reference_model = lora_disabled  # the name that also reads right for full fine-tuning
+
     def lora_state_dict(self, state_dict: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
         """peft-format LoRA weights, float32 on CPU (see :func:`pisces_rl.models.lora.lora_state_dict`)."""
+        self._require_lora("lora_state_dict")
         return _lora.lora_state_dict(self.transformer, state_dict)
+
+    def save_weights(self, save_directory: str, state_dict: Optional[Dict[str, torch.Tensor]] = None,
+                     is_main_process: bool = True) -> None:
+        """Save what was trained: LoRA weights in diffusers format (``Pipeline.load_lora_weights(dir)``) or,
+        with ``finetune="full"``, the whole denoiser in diffusers format (``<Transformer>.from_pretrained(dir)``,
+        e.g. ``WanTransformer3DModel.from_pretrained(dir)``, or ``WanPipeline.from_pretrained(base,
+        transformer=...)``).
+
+        Args:
+            state_dict: optional gathered state dict (ZeRO-3; or e.g. EMA weights): LoRA entries are extracted
+                from it, or (full) it holds the denoiser's parameters.
+        """
+        if self.finetune == "full":
+            if is_main_process:
+                _lora.save_denoiser(self.transformer, save_directory, state_dict)
+            return
+        _lora.save_lora(type(self.pipeline), self.transformer, save_directory, state_dict, is_main_process)
 
     def save_lora(self, save_directory: str, state_dict: Optional[Dict[str, torch.Tensor]] = None,
                   is_main_process: bool = True) -> None:
         """Save the LoRA weights in diffusers format: a plain ``Pipeline.load_lora_weights(dir)`` loads them.
+        With ``finetune="full"`` this is :meth:`save_weights` (the whole denoiser).
 
         Args:
             state_dict: optional gathered full denoiser state dict (ZeRO-3); LoRA entries are extracted.
         """
-        _lora.save_lora(type(self.pipeline), self.transformer, save_directory, state_dict, is_main_process)
+        self.save_weights(save_directory, state_dict, is_main_process)
 
     def load_lora(self, directory: str) -> None:
         """Load LoRA weights written by :meth:`save_lora` into this policy (resume)."""
+        self._require_lora("load_lora")
         _lora.load_lora(type(self.pipeline), self.transformer, directory)
+
+    def _require_lora(self, what: str) -> None:
+        if self.finetune != "lora":
+            raise ValueError(f"VideoPolicy.{what} needs LoRA, but model.finetune={self.finetune!r} trains the "
+                             "whole denoiser (use save_weights / the saved 'transformer' folder)")
 
     # ------------------------------------------------------------ model calls
     def latent_shape(self, batch_size: int, num_frames: int, height: int, width: int) -> Tuple[int, ...]:
@@ -242,13 +311,20 @@ class VideoPolicy:
         b = latents.shape[0]
         t = torch.as_tensor(timestep, device=latents.device, dtype=torch.float32)
         t = t.expand(b) if t.ndim == 0 else t
-        x = latents.to(self.dtype)
+        denoiser, dtype = self.denoiser, self.dtype
+        if self.finetune == "full":  # inputs in the dtype of the weights used (fp32 master, bf16 under DeepSpeed)
+            module = self.reference if self._use_reference else self.transformer
+            denoiser = self.reference if self._use_reference else self.denoiser
+            dtype = getattr(module, "dtype", dtype)
+            prompt_embeds = prompt_embeds.to(dtype)
+            negative_prompt_embeds = None if negative_prompt_embeds is None else negative_prompt_embeds.to(dtype)
+        x = latents.to(dtype)
         if negative_prompt_embeds is not None and guidance_scale > 1.0:
-            out = self.family.forward(self.pipeline, self.denoiser, torch.cat([x, x]), torch.cat([t, t]),
+            out = self.family.forward(self.pipeline, denoiser, torch.cat([x, x]), torch.cat([t, t]),
                                       torch.cat([negative_prompt_embeds, prompt_embeds]))
             uncond, cond = out.float().chunk(2)
             return uncond + guidance_scale * (cond - uncond)
-        return self.family.forward(self.pipeline, self.denoiser, x, t, prompt_embeds).float()
+        return self.family.forward(self.pipeline, denoiser, x, t, prompt_embeds).float()
 
     def encode(self, videos: torch.Tensor, chunk_size: int = 0) -> torch.Tensor:
         """``[B, F, C, H, W]`` videos in [0, 1] -> ``[B, C, F, h, w]`` float32 latents (VAE posterior mean).
@@ -313,9 +389,13 @@ def build_policy(model_cfg: Any, device: Optional[Union[str, torch.device]] = No
             from pisces_rl.worlds.shapes.build import resolve_world_name
             pretrained = resolve_world_name(pretrained, "model")
         pipe = family.load_pipeline(pretrained, torch_dtype=dtype)
+    finetune = get("finetune", "lora")
+    if finetune == "full":
+        logger.info("model.finetune=full: the whole denoiser is trained (model.lora_* are ignored)")
     return VideoPolicy(
         pipe, family, lora_rank=get("lora_rank", 8), lora_alpha=get("lora_alpha", 8),
         lora_target_modules=get("lora_target_modules", ("to_q", "to_k", "to_v", "to_out.0")), dtype=dtype,
         device=dev, gradient_checkpointing=bool(get("gradient_checkpointing", False)), lora_path=get("lora_path", None),
-        seed=int(get("seed", 0)),
+        seed=int(get("seed", 0)), finetune=finetune,
     )
+

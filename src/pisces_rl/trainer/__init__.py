@@ -3,7 +3,8 @@
 The GRPO loop (``GRPOTrainer``, ``pisces_rl.trainer.grpo``) and direct reward backprop (``BackpropTrainer``,
 ``pisces_rl.trainer.backprop``) are built from these pieces.
 """
-from .accel import build_accelerator, gather_lora_state_dict, gradient_sync, is_deepspeed, zero_stage
+from .accel import (build_accelerator, gather_full_state_dict, gather_lora_state_dict, gradient_sync, is_deepspeed,
+                    zero_stage)
 from .advantages import group_advantages, group_index
 from .checkpoint import config_hash, find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from .losses import clipped_policy_loss, gaussian_kl, pseudo_huber
@@ -17,7 +18,8 @@ __all__ = [
     "group_advantages", "group_index",
     "clipped_policy_loss", "gaussian_kl", "pseudo_huber",
     "save_checkpoint", "find_checkpoint", "load_checkpoint", "list_checkpoints", "config_hash",
-    "build_accelerator", "is_deepspeed", "zero_stage", "gather_lora_state_dict", "gradient_sync",
+    "build_accelerator", "is_deepspeed", "zero_stage", "gather_lora_state_dict", "gather_full_state_dict",
+    "gradient_sync",
     "GRPOTrainer", "BackpropTrainer",
     "init_trackers", "setup_logging", "save_video", "save_video_grid", "plot_curve", "format_summary", "flatten_config",
 ]

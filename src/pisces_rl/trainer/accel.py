@@ -14,6 +14,10 @@ What :func:`build_accelerator` takes care of (all measured with accelerate 1.15 
   cannot infer ``train_micro_batch_size_per_gpu`` and would fail on ``"auto"``; we fill it in (and
   ``gradient_accumulation_steps``, ``gradient_clipping``) when the config leaves them ``"auto"``.
 
+Saving trained weights: :func:`gather_lora_state_dict` (LoRA: small, every process) and
+:func:`gather_full_state_dict` (full fine-tuning: the whole denoiser, gathered a bucket of parameters at a time
+under ZeRO-3 and kept on the main process only).
+
 Manual gradient accumulation (several ``backward`` calls per optimiser step, e.g. micro-batches x
 denoising steps) must go through :func:`gradient_sync`: under DeepSpeed ``accelerator.backward`` also
 runs the optimiser step unless told that the call is not an accumulation boundary.
@@ -26,7 +30,8 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-__all__ = ["build_accelerator", "is_deepspeed", "zero_stage", "gather_lora_state_dict", "gradient_sync"]
+__all__ = ["build_accelerator", "is_deepspeed", "zero_stage", "gather_lora_state_dict", "gather_full_state_dict",
+           "gradient_sync"]
 
 
 def _flag(name: str) -> bool:
@@ -198,3 +203,53 @@ def gather_lora_state_dict(
         raise ValueError(f"{len(empty)} entries are empty ZeRO-3 shards (e.g. {empty[0]!r}): state_dict_fn returned "
                          "frozen parameters, which are not gathered; return only trainable (LoRA) weights")
     return state
+
+
+def gather_full_state_dict(accelerator, model, bucket_numel: int = 2**27,
+                           main_process_only: bool = True) -> dict[str, torch.Tensor]:
+    """The whole (un-sharded) state dict of a prepared model, as CPU tensors -- for full fine-tuning.
+
+    **Collective**: every process must call it. Under ZeRO-3 parameters are all-gathered
+    (``deepspeed.zero.GatheredParameters``) a bucket of at most ``bucket_numel`` elements at a time (default
+    2^27, 512 MB of fp32), so a model that does not fit one device is never materialised whole on it; the
+    copies go to host memory on the main process only (``main_process_only``). Elsewhere every process
+    already holds whole weights. Persistent buffers are included, non-persistent ones (e.g. RoPE tables)
+    are not, as in ``module.state_dict()``.
+
+    Returns:
+        ``{name: tensor}`` -- detached CPU clones in the parameters' own dtype; ``{}`` on the other processes
+        when ``main_process_only``.
+    """
+    module = accelerator.unwrap_model(model)
+    keep = accelerator.is_main_process or not main_process_only
+    state: dict[str, torch.Tensor] = {}
+    params = list(module.named_parameters())
+    zero3 = zero_stage(accelerator) == 3
+    start = 0
+    while start < len(params):                                       # same buckets on every process
+        stop, size = start, 0
+        while stop < len(params) and (stop == start or size + _numel(params[stop][1]) <= bucket_numel):
+            size += _numel(params[stop][1])
+            stop += 1
+        bucket = params[start:stop]
+        if zero3:
+            import deepspeed
+
+            gather = deepspeed.zero.GatheredParameters([p for _, p in bucket], modifier_rank=None)
+        else:
+            gather = contextlib.nullcontext()
+        with gather:
+            if keep:
+                state.update({n: p.detach().to("cpu", copy=True) for n, p in bucket})
+        start = stop
+    if keep:
+        for prefix, sub in module.named_modules():
+            for name, buf in sub.named_buffers(recurse=False):
+                if buf is not None and name not in sub._non_persistent_buffers_set:
+                    state[f"{prefix}.{name}" if prefix else name] = buf.detach().to("cpu", copy=True)
+    return state
+
+
+def _numel(p: torch.nn.Parameter) -> int:
+    """Elements of ``p`` once gathered (``ds_numel`` under ZeRO-3, where ``p.numel()`` is 0)."""
+    return int(getattr(p, "ds_numel", p.numel()))

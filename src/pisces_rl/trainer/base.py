@@ -22,9 +22,9 @@ import torch
 
 from ..config import save_yaml
 from ..data import GroupSampler, load_prompts
-from ..models import build_policy
+from ..models import UpdateRatio, build_policy
 from ..rewards import RewardOutput, RewardServer, build_reward_server
-from .accel import build_accelerator, gather_lora_state_dict, zero_stage
+from .accel import build_accelerator, gather_full_state_dict, gather_lora_state_dict, zero_stage
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .evaluation import EvalResult, eval_series, evaluate_policy, resolve_judge
 from .figures import plot_reward_curves, save_captioned_grid
@@ -89,6 +89,8 @@ class TrainerBase:
         self.model, self.optimizer = acc.prepare(self.policy.transformer, optimizer)
         acc.register_for_checkpointing(self.scheduler)
         self.policy.set_training_module(self.model)
+        self.update_tracker = UpdateRatio(self.policy.transformer)   # train/update_ratio (collective under ZeRO-3)
+        self.update_ratios: list[float] = []                           # this iteration's optimiser steps
 
     def _build_rewards(self, rewards: RewardsArg) -> RewardServer:
         """``None`` -> from ``config.rewards``; a RewardServer as is; ``{name: fn | (fn, weight)}`` -> a server."""
@@ -128,6 +130,9 @@ class TrainerBase:
             t0 = time.perf_counter()
             metrics = self.train_step(self.step)
             metrics.update(self._timing(t0))
+            if self.update_ratios:
+                metrics["train/update_ratio"] = sum(self.update_ratios) / len(self.update_ratios)
+                self.update_ratios.clear()
             self.step += 1
             self._log(metrics, bar)
             self._maybe_save_samples()
@@ -139,7 +144,13 @@ class TrainerBase:
     # ------------------------------------------------------------------ shared pieces
     def _optimizer_step(self) -> float:
         """At a window boundary: clip, step optimizer and LR schedule; returns the gradient norm (NaN if
-        unknown: under DeepSpeed the engine clipped and stepped inside ``backward``)."""
+        unknown: under DeepSpeed the engine clipped and stepped inside ``backward``).
+
+        Also records ``‖ΔW‖ / ‖W‖`` of the step in :attr:`update_ratios` (logged as ``train/update_ratio``, the
+        mean over the iteration): the merged LoRA update's change over the base weights, or the parameters'
+        change over their norm with ``model.finetune=full`` (:class:`~pisces_rl.models.UpdateRatio`; measured
+        against the weights after the previous step, so it also covers DeepSpeed's step inside ``backward``).
+        """
         acc, t = self.accelerator, self.config.train
         norm = None
         if t.max_grad_norm and t.max_grad_norm > 0:
@@ -147,6 +158,7 @@ class TrainerBase:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.update_ratios.append(self.update_tracker.step())
         return float(norm) if norm is not None else float("nan")
 
     def _reward_metrics(self, scores: RewardOutput) -> dict[str, float]:
@@ -235,14 +247,18 @@ class TrainerBase:
         if force or (c.save_every and self.step % c.save_every == 0):
             save_checkpoint(self.accelerator, self.config.output_dir, self.step, models=[self.model],
                             extra_state={"step": self.step, "history": self.history},
-                            lora_saver=self.save_lora, keep_last=c.keep_last)
+                            lora_saver=self.save_lora, keep_last=c.keep_last,
+                            weights_dir=self.policy.weights_dirname)
 
     def save_lora(self, directory: str, state_dict=None) -> None:
-        """LoRA weights in diffusers format (``pipe.load_lora_weights(directory)``), complete under ZeRO-3.
-        Call on every process (ZeRO-3 gathers shards); only the main process writes."""
-        state = gather_lora_state_dict(self.accelerator, self.model) if state_dict is None else state_dict
+        """The trained weights in diffusers format, complete under ZeRO-3: LoRA (``pipe.load_lora_weights``)
+        or, with ``model.finetune=full``, the denoiser (``<Transformer>.from_pretrained``). Call on every
+        process (ZeRO-3 gathers shards); only the main process writes."""
+        if state_dict is None:
+            full = self.policy.finetune == "full"
+            state_dict = (gather_full_state_dict if full else gather_lora_state_dict)(self.accelerator, self.model)
         if self.accelerator.is_main_process:
-            self.policy.save_lora(directory, state_dict=state)
+            self.policy.save_weights(directory, state_dict=state_dict)
 
     def _maybe_resume(self) -> None:
         c = self.config.checkpoint
@@ -254,6 +270,7 @@ class TrainerBase:
         state = load_checkpoint(self.accelerator, path)
         self.step = int(state["step"])
         self.history = state.get("history", {})
+        self.update_tracker.snapshot()                                  # the restored weights
         logger.info("resumed from %s at step %d", path, self.step)
 
     def _announce(self, what: str, metrics: Mapping[str, float]) -> None:
@@ -271,7 +288,7 @@ class TrainerBase:
             self._maybe_checkpoint(force=True)
         before = self.before if self.before is not None else self.evaluate(base_model=True)
         after = self.evaluate()
-        lora_dir = os.path.join(out, "lora")
+        lora_dir = os.path.join(out, self.policy.weights_dirname)
         self.save_lora(lora_dir)
         acc.wait_for_everyone()
         if not getattr(self, "_before_logged", False):  # a resumed run evaluates its base model only now
@@ -299,7 +316,7 @@ class TrainerBase:
             t = cfg.train
             curve = plot_reward_curves(
                 self.history, os.path.join(out, "reward_curve.png"), evals=evals, smoothing=lc.curve_smoothing,
-                title=f"{self.name}: rewards per iteration ({t.prompts_per_step} prompts x {t.group_size} videos); "
+                title=f"{self.name}: rewards per iteration ({t.prompts_per_step} prompts x {t.num_generations} videos); "
                       f"held-out: {n} prompts")
         comparison = {k: {"before": before.metrics[k], "after": after.metrics[k]} for k in after.metrics}
         counts = {name: {kind: sum(self.history.get(f"reward/{name}/{kind}", [])) for kind in
@@ -326,11 +343,14 @@ class TrainerBase:
             sample=grid, repo_id=repo, judge=lc.judge if self.judge is not None else None)
         print(format_summary(metrics))
         print(format_summary(comparison, title=f"Evaluation on {n} fixed prompts "
-                                              "(before = base model, after = trained LoRA)"))
+                                              "(before = base model, after = trained weights)"))
         print(f"run directory: {out}\n  before/after videos: {grid}\n  reward curve: {curve}\n"
-              f"  LoRA: {lora_dir}  (pipe.load_lora_weights; model card {card})\n"
-              f"  generate: pisces-rl generate --lora {lora_dir} --prompt \"...\" --out video.gif\n"
-              f"  tensorboard --logdir {out}")
+              f"  weights: {lora_dir}  ("
+              f"{'<Transformer>.from_pretrained' if self.policy.finetune == 'full' else 'pipe.load_lora_weights'}"
+              f"; model card {card})\n"
+              + (f"  generate: pisces-rl generate --lora {lora_dir} --prompt \"...\" --out video.gif\n"
+                 if self.policy.finetune != "full" else "")
+              + f"  tensorboard --logdir {out}")
         if push and push_error is None:
             try:
                 upload_to_hub(lora_dir, repo, commit_message=f"pisces_rl {self.name}: {self.step} iterations")

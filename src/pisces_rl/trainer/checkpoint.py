@@ -4,7 +4,8 @@ Layout under ``output_dir/checkpoints/``::
 
     checkpoint-000004/              a complete checkpoint (only ever created by one rename)
         trainer_state.json          step, sampler position, metrics, config hash, ... + "checkpoint_info"
-        lora/                       LoRA weights in diffusers format (``pipe.load_lora_weights(dir)``)
+        lora/ | transformer/        the trained weights in diffusers format: LoRA (``pipe.load_lora_weights(dir)``)
+                                    or, with full fine-tuning, the denoiser (``<Transformer>.from_pretrained(dir)``)
         model.safetensors, optimizer.bin, scheduler.bin, random_states_<rank>.pkl, ...
                                     (``accelerator.save_state``; DeepSpeed writes its own sub-folder)
     .tmp-step-000006/               a checkpoint being written -- or left behind by a crash; ignored
@@ -14,7 +15,8 @@ Writing goes into ``.tmp-step-XXXXXX``; after every process has finished, the ma
 a ``.tmp`` folder that :func:`find_checkpoint` ignores (and the next save removes). All processes must see
 ``output_dir`` (a shared filesystem on multi-node jobs) and resume with the same number of processes.
 
-By default frozen parameters (the base model under LoRA) are left out of the checkpoint
+By default frozen parameters (the base model under LoRA; the frozen reference copy of full fine-tuning is no
+module of the accelerator at all) are left out of the checkpoint
 (``save_frozen=False``): they are rebuilt from the pretrained weights when the run restarts, and
 :func:`load_checkpoint` then loads non-strictly. Resuming restores model, optimiser, schedulers and
 objects registered with ``accelerator.register_for_checkpointing``, and every process's RNG states.
@@ -88,6 +90,7 @@ def save_checkpoint(
     lora_saver: Optional[Callable[[str], None]] = None,
     keep_last: Optional[int] = 2,
     save_frozen: bool = False,
+    weights_dir: str = LORA_DIR,
 ) -> str:
     """Write ``output_dir/checkpoints/checkpoint-<step>`` atomically; call on **every** process.
 
@@ -98,18 +101,23 @@ def save_checkpoint(
         models: the prepared models that must be in the checkpoint. Each must have gone through
             ``accelerator.prepare`` (otherwise ``save_state`` would silently skip it -> error).
         extra_state: JSON-serialisable trainer state (sampler position, metrics history, config hash...).
-        lora_saver: ``lora_saver(directory)`` writes the LoRA weights into ``directory`` (``<ckpt>/lora``).
-            It is called on every process so that it can gather ZeRO-3 shards
-            (:func:`~pisces_rl.trainer.accel.gather_lora_state_dict`) and must write on the main process only.
+        lora_saver: ``lora_saver(directory)`` writes the trained weights into ``directory``
+            (``<ckpt>/<weights_dir>``). It is called on every process so that it can gather ZeRO-3 shards
+            (:func:`~pisces_rl.trainer.accel.gather_lora_state_dict`,
+            :func:`~pisces_rl.trainer.accel.gather_full_state_dict`) and must write on the main process only.
         keep_last: keep this many newest checkpoints (the one just written always survives); ``None`` or 0
             keeps all. Only ``checkpoint-<digits>`` folders are ever deleted.
         save_frozen: also store parameters with ``requires_grad=False`` (default: skip them).
+        weights_dir: name of the sub-folder ``lora_saver`` writes: ``"lora"`` (default) or ``"transformer"``
+            for a fully fine-tuned denoiser.
 
     Returns:
         Path of the finished checkpoint, on every process.
     """
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"step must be a non-negative int, got {step!r}")
+    if not weights_dir or os.sep in weights_dir or weights_dir.startswith("."):
+        raise ValueError(f"weights_dir must be a plain folder name such as 'lora' or 'transformer', got {weights_dir!r}")
     if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 0):
         raise ValueError(f"keep_last must be None or an int >= 0, got {keep_last!r} (set checkpoint.keep_last)")
     state = dict(extra_state or {})
@@ -138,9 +146,9 @@ def save_checkpoint(
     _save_state(accelerator, str(tmp), save_frozen)
     if lora_saver is not None:
         if accelerator.is_main_process:
-            (tmp / LORA_DIR).mkdir(exist_ok=True)
+            (tmp / weights_dir).mkdir(exist_ok=True)
         accelerator.wait_for_everyone()
-        lora_saver(str(tmp / LORA_DIR))
+        lora_saver(str(tmp / weights_dir))
     if accelerator.is_main_process:
         state.update(step=step, checkpoint_info={
             "format": 1, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
