@@ -11,8 +11,10 @@ ACCEL   ?= recipes/accelerate/single.yaml
 ARGS    ?=
 PYTEST_ARGS ?=
 
-# a config whose model is the ShapesWorld base model (`pretrained: shapes`) needs the built world first
-needs_world = $(if $(shell grep -sqE '^[[:space:]]*pretrained:[[:space:]]*shapes' $(1) && echo yes),world)
+# a config whose model is the ShapesWorld base model (`pretrained: shapes`) needs a world: the prebuilt one shipped
+# in the package, else one built here first (`make world`)
+PREBUILT_WORLD := src/pisces_rl/worlds/shapes/prebuilt/manifest.json
+needs_world = $(if $(wildcard $(PREBUILT_WORLD)),,$(if $(shell grep -sqE '^[[:space:]]*pretrained:[[:space:]]*shapes' $(1) && echo yes),world))
 BACKPROP_CONFIG := $(if $(filter command line environment,$(origin CONFIG)),$(CONFIG),recipes/configs/backprop_tiny_cpu.yaml)
 
 .PHONY: help install test test-slow test-gpu train-grpo train-backprop world bench clean
@@ -39,13 +41,13 @@ test-slow: install  ## slow tests only
 test-gpu: install  ## GPU tests (needs CUDA)
 	$(PY) -m pytest -m "gpu" -q $(PYTEST_ARGS)
 
-train-grpo: install $(call needs_world,$(CONFIG))  ## GRPO post-training (default: ShapesWorld on CPU, builds the world once); CONFIG=, ACCEL=, ARGS=
+train-grpo: install $(call needs_world,$(CONFIG))  ## GRPO post-training (default: ShapesWorld on CPU, the prebuilt world); CONFIG=, ACCEL=, ARGS=
 	$(VENV)/bin/accelerate launch --config_file $(ACCEL) $(RECIPE) --config $(CONFIG) $(ARGS)
 
 train-backprop: install $(call needs_world,$(BACKPROP_CONFIG))  ## direct reward backprop + consistency distillation (default: tiny CPU run); CONFIG=, ACCEL=, ARGS=
 	$(VENV)/bin/accelerate launch --config_file $(ACCEL) recipes/backprop_short_video.py --config $(BACKPROP_CONFIG) $(ARGS)
 
-world: install  ## build ShapesWorld (encoder, OT maps, base model) into .cache/shapes_world; WORLD_ARGS='--profile quick --force'
+world: install  ## rebuild ShapesWorld from nothing into .cache/shapes_world (used instead of the prebuilt one); WORLD_ARGS='--profile quick --force'
 	$(PY) -m pisces_rl.cli world build $(WORLD_ARGS)
 
 bench: install  ## run the benchmarks in benchmarks/

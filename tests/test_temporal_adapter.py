@@ -91,3 +91,33 @@ def test_adapter_width_must_match_the_vision_tower():
     encoder = BlipVideoTextEncoder.tiny(seed=0)
     with pytest.raises(ValueError, match="hidden_size 32"):
         BlipVideoTextEncoder(encoder.model, encoder.tokenizer, temporal=TemporalAdapter(16, 4))
+
+
+def test_motion_moments_are_features_times_velocity():
+    """One patch feature moving one column right per frame on a 4x4 grid: (m_x, m_y) = (phi * slope_x, 0), the
+    sign flips when the clip is reversed, and static content contributes nothing."""
+    b, f, side, d = 1, 5, 4, 3
+    phi = torch.tensor([1.0, -2.0, 0.5])
+    states = torch.zeros(b, f, 1 + side * side, d)
+    states[:, :, 1:] += torch.tensor([0.3, 0.3, 0.3])                       # static background in every patch
+    for t in range(4):                                                      # row 1, columns 0..3, then stays
+        states[0, t, 1 + side * 1 + t] += phi
+    states[0, 4, 1 + side * 1 + 3] += phi
+    ramp = TemporalAdapter.ramp(f)
+    cols = torch.linspace(-1, 1, side)
+    x = torch.tensor([cols[0], cols[1], cols[2], cols[3], cols[3]])
+    expected_x = phi * float((ramp * x).sum()) / (side * side)
+    m = TemporalAdapter.motion_moments(states, ramp)
+    assert torch.allclose(m[0, :d], expected_x, atol=1e-6) and float((ramp * x).sum()) > 0
+    assert torch.allclose(m[0, d:], torch.zeros(d), atol=1e-6)             # the row does not change
+    assert torch.allclose(TemporalAdapter.motion_moments(states.flip(1), ramp), -m, atol=1e-6)
+
+
+def test_an_adapter_saved_without_motion_moments_loads_with_them_at_zero():
+    adapter = TemporalAdapter(8, 5)
+    old = {k: v for k, v in adapter.state_dict().items() if not k.startswith("moments")}
+    fresh = TemporalAdapter(8, 5)
+    with torch.no_grad():
+        fresh.moments.weight.fill_(1.0)
+    fresh.load_state_dict(old)
+    assert torch.count_nonzero(fresh.moments.weight) == 0

@@ -4,7 +4,8 @@ Subcommands::
 
     pisces-rl fit-ot-map --dataset DATA --output DIR [--encoder tiny|PATH] [--map neural|l2] [--steps N] ...
     pisces-rl world build [--profile full|quick] [--cache DIR] [--force] [--threads N]
-    pisces-rl world info [--cache DIR]
+    pisces-rl world info|verify [--cache DIR]
+    pisces-rl world export --to DIR [--cache DIR]
     pisces-rl generate --lora DIR --prompt TEXT [--prompt TEXT ...] [--config YAML] [--pretrained P] [--out FILE]
 
 Run ``pisces-rl SUBCOMMAND --help`` for the options. ``main(argv)`` returns the exit status (0 = success,
@@ -15,7 +16,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
+
+from pisces_rl.worlds.shapes.store import WorldIntegrityError
 
 __all__ = ["main", "build_parser", "generate_videos"]
 
@@ -114,9 +118,21 @@ def _add_world(subparsers) -> None:
                             "in a second process; the artifacts are the same)")
     build.add_argument("--quiet", action="store_true", help="no progress bars")
     build.set_defaults(run=_run_world_build)
-    info = actions.add_parser("info", help="print where the world is and what it holds")
-    info.add_argument("--cache", default=None, help="cache directory (default as for build)")
+    info = actions.add_parser("info", help="print which world runs use, where it is and what it holds")
+    info.add_argument("--cache", default=None, help="world directory (default: the one runs use: "
+                                                    "$PISCES_RL_CACHE/shapes_world, else a local build in "
+                                                    "<repo>/.cache/shapes_world, else the prebuilt world)")
     info.set_defaults(run=_run_world_info)
+    verify = actions.add_parser("verify", help="check every world file against its manifest sha256")
+    verify.add_argument("--cache", default=None, help="world directory (default as for info)")
+    verify.set_defaults(run=_run_world_verify)
+    export = actions.add_parser(
+        "export", help="copy a built world, with file checksums and its measured quality, to a directory "
+                       "(how the prebuilt world shipped with pisces_rl is made)")
+    export.add_argument("--cache", default=None, help="the built world (default: where `build` builds)")
+    export.add_argument("--to", required=True, help="destination directory (replaced)")
+    export.add_argument("--force", action="store_true", help="export even if the world misses a quality bar")
+    export.set_defaults(run=_run_world_export)
 
 
 def _run_world_build(args) -> int:
@@ -131,14 +147,16 @@ def _run_world_build(args) -> int:
 
 
 def _run_world_info(args) -> int:
-    from pisces_rl.worlds.shapes.build import ARTIFACTS, default_cache_dir, read_manifest
+    from pisces_rl.worlds.shapes.store import ARTIFACTS, PREBUILT_DIR, active_world_dir, read_manifest
 
-    cache = args.cache or default_cache_dir()
+    cache = args.cache or active_world_dir()
     manifest = read_manifest(cache)
     if manifest is None:
         raise FileNotFoundError(f"no ShapesWorld in {str(cache)!r}; build it with `make world` "
                                 "(or `pisces-rl world build`)")
-    print(f"ShapesWorld in {cache}: profile {manifest['profile']}, config hash {manifest['config_hash']}")
+    kind = "prebuilt (shipped with pisces_rl)" if Path(cache).resolve() == PREBUILT_DIR else "built locally"
+    print(f"ShapesWorld in {cache}, {kind}: profile {manifest['profile']}, config hash {manifest['config_hash']}"
+          + (f", built on {manifest['built_on']}" if manifest.get("built_on") else ""))
     for name in ARTIFACTS:
         entry = manifest["artifacts"].get(name)
         if entry is None:
@@ -282,6 +300,27 @@ def _run_generate(args) -> int:
     _, f, _, h, w = videos.shape
     print(f"wrote {', '.join(written)} ({len(videos)} video{'s' if len(videos) > 1 else ''}, {f} frames "
           f"{h}x{w}, seed {seed}; base {model.pretrained}, LoRA {args.lora or 'none'})")
+def _run_world_verify(args) -> int:
+    from pisces_rl.worlds.shapes.store import active_world_dir, read_manifest, verify_world
+
+    cache = Path(args.cache or active_world_dir())
+    manifest = read_manifest(cache)
+    if manifest is None:
+        raise FileNotFoundError(f"no ShapesWorld in {str(cache)!r}; build it with `make world`")
+    verify_world(cache)
+    files = sum(len(a.get("files") or {}) for a in manifest["artifacts"].values())
+    print(f"ShapesWorld in {cache}: {files} files match the manifest")
+    return 0
+
+
+def _run_world_export(args) -> int:
+    from pisces_rl.worlds.shapes.quality import export_with_quality
+    from pisces_rl.worlds.shapes.store import default_cache_dir
+
+    manifest = export_with_quality(args.cache or default_cache_dir(), args.to, force=args.force)
+    failed = manifest.get("quality", {}).get("failed") or []
+    print(f"exported to {args.to}" + (f" (misses its bars: {', '.join(failed)})" if failed else
+                                      " (every quality bar met)"))
     return 0
 
 
@@ -301,7 +340,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (OSError, ValueError, ImportError) as exc:
+    except (OSError, ValueError, ImportError, WorldIntegrityError) as exc:
         print(f"pisces-rl {args.command}: error: {exc}", file=sys.stderr)
         return 1
 

@@ -37,6 +37,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from contextlib import contextmanager
@@ -47,19 +48,16 @@ from typing import Optional, Union
 from . import phases
 from .encoder_training import ShapesEncoderConfig
 from .phases import encoder_warning
+from .store import (ARTIFACTS, MANIFEST, WORLD_NAMES, default_cache_dir, file_hashes, read_manifest,
+                    resolve_world_name, world_artifact, write_manifest as _write_manifest)
 
 __all__ = ["WorldConfig", "PROFILES", "world_config", "default_cache_dir", "build_world", "read_manifest",
            "encoder_warning", "world_artifact", "resolve_world_name", "WORLD_NAMES", "ARTIFACTS", "BUILD_VERSION"]
 
 BUILD_VERSION = 1
 """Bump when a phase changes in a way that makes old artifacts stale."""
-MANIFEST = "manifest.json"
-ARTIFACTS = ("encoder", "ot_map", "l2_map", "base_model")
 ENCODER_BRANCH = ("encoder", "ot_map", "l2_map")
 """The artifacts that need the corpora and train in this process; the base model can train beside them."""
-WORLD_NAMES = {"model": {"shapes": "base_model"}, "encoder": {"shapes": "encoder"},
-               "ot_map": {"shapes": "ot_map", "shapes:l2": "l2_map"}}
-"""World artifact names configs may use, per role (``model.pretrained``, ``rewards.encoder``, ``rewards.ot_map``)."""
 
 
 @dataclass(frozen=True)
@@ -110,16 +108,6 @@ def world_config(profile: Union[str, WorldConfig] = "full", **overrides) -> Worl
     return dataclasses.replace(cfg, **overrides) if overrides else cfg
 
 
-def default_cache_dir() -> Path:
-    """``$PISCES_RL_CACHE/shapes_world``, else ``<repo>/.cache/shapes_world`` (``~/.cache/pisces_rl/...``)."""
-    if os.environ.get("PISCES_RL_CACHE"):
-        return Path(os.environ["PISCES_RL_CACHE"]).expanduser() / "shapes_world"
-    repo = Path(__file__).resolve().parents[4]
-    if (repo / "setup.cfg").is_file() or (repo / "pyproject.toml").is_file():
-        return repo / ".cache" / "shapes_world"
-    return Path.home() / ".cache" / "pisces_rl" / "shapes_world"
-
-
 # ----------------------------------------------------------------------------------------------- manifest / keys
 def _versions() -> dict:
     import datasets
@@ -147,52 +135,6 @@ def _artifact_keys(cfg: WorldConfig, versions: dict) -> dict:
             "ot_map": _key("ot_map", encoder, ot),
             "l2_map": _key("l2_map", encoder, {**ot, "l2_steps": cfg.l2_steps}),
             "base_model": _key("base_model", versions, phases.base_model_config(cfg).config_hash())}
-
-
-def read_manifest(cache_dir: Union[str, Path, None] = None) -> Optional[dict]:
-    """The manifest of the world in ``cache_dir`` (default :func:`default_cache_dir`), or None if not built."""
-    path = Path(cache_dir or default_cache_dir()) / MANIFEST
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None
-
-
-def _write_manifest(cache_dir: Path, manifest: dict) -> None:
-    tmp = cache_dir / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
-    os.replace(tmp, cache_dir / MANIFEST)
-
-
-def world_artifact(name: str, cache_dir: Union[str, Path, None] = None) -> Path:
-    """Directory of a built artifact (``encoder``, ``ot_map``, ``l2_map``, ``base_model``).
-
-    Raises ``FileNotFoundError`` telling to run ``make world`` if the world (or that artifact) is not built.
-    """
-    if name not in ARTIFACTS:
-        raise ValueError(f"unknown world artifact {name!r}; use one of {ARTIFACTS}")
-    cache = Path(cache_dir or default_cache_dir())
-    manifest = read_manifest(cache)
-    path = cache / name
-    if manifest is None or name not in manifest.get("artifacts", {}) or not path.is_dir():
-        raise FileNotFoundError(
-            f"the ShapesWorld {name.replace('_', ' ')} is not built in {str(cache)!r}; build the world first with "
-            "`make world` (or `pisces-rl world build`; `--profile quick` takes a few minutes), or point "
-            "PISCES_RL_CACHE at the folder that holds shapes_world/")
-    return path
-
-
-def resolve_world_name(spec, role: str) -> Optional[str]:
-    """``spec`` as a directory if it names a world artifact for ``role`` (``model``, ``encoder``, ``ot_map``),
-    else None (then ``spec`` is a path / hub id / built-in name for the caller to handle)."""
-    if role not in WORLD_NAMES:
-        raise ValueError(f"unknown role {role!r}; use one of {sorted(WORLD_NAMES)}")
-    if not isinstance(spec, str) or spec not in WORLD_NAMES[role]:
-        return None
-    return str(world_artifact(WORLD_NAMES[role][spec]))
-
 
 
 # ----------------------------------------------------------------------------------------------- build
@@ -269,6 +211,9 @@ def _build(cfg: WorldConfig, cache: Path, force: bool, progress: bool, num_threa
             if entry.get("key") == keys.get(name) and (cache / name).is_dir()}
     todo = [name for name in ARTIFACTS if name not in done]
     manifest["artifacts"] = dict(done)
+    for name in done:
+        _log(progress, f"{name}: cached in {cache / name} (same configuration and versions), skipped; "
+                       "--force rebuilds it")
     if not todo:
         _log(progress, f"up to date in {cache} (profile {cfg.profile}); nothing to build")
         return {**old, "timings": {name: 0.0 for name in ARTIFACTS}}
@@ -280,7 +225,8 @@ def _build(cfg: WorldConfig, cache: Path, force: bool, progress: bool, num_threa
         metrics = train(tmp)
         _commit(tmp, cache / name)
         timings[name] = seconds if seconds is not None else time.perf_counter() - start
-        manifest["artifacts"][name] = {"key": keys[name], "seconds": round(timings[name], 2), "metrics": metrics}
+        manifest["artifacts"][name] = {"key": keys[name], "seconds": round(timings[name], 2), "metrics": metrics,
+                                       "files": file_hashes(cache / name)}
         _write_manifest(cache, manifest)
         shown = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("t2v_r1", "itm_pair_acc", "mknn", "spearman",
                                                               "final_transformer_loss") if k in metrics)
@@ -294,9 +240,11 @@ def _build(cfg: WorldConfig, cache: Path, force: bool, progress: bool, num_threa
 
         pool = multiprocessing.get_context("spawn").Pool(1)
         tmp = _fresh(cache / "base_model")
-        side = pool.apply_async(phases.base_model_job, (cfg, str(tmp), num_threads)), tmp
+        progress_file = str(cache / ".base_model.progress") if progress else None
+        side = pool.apply_async(phases.base_model_job, (cfg, str(tmp), num_threads, progress_file)), tmp
         pool.close()
-        _log(progress, "base_model: training in a second process while the encoder trains")
+        watcher = ProgressWatcher(progress_file) if progress_file else None
+        _log(progress, "base_model: training in a second process while the encoder trains (bar 'base model')")
     try:
         _run_phases(cfg, cache, manifest, todo, phase, side, progress, num_threads)
     except BaseException:
@@ -306,6 +254,8 @@ def _build(cfg: WorldConfig, cache: Path, force: bool, progress: bool, num_threa
     finally:
         if side is not None:
             pool.join()
+            if watcher is not None:
+                watcher.stop()
     timings["total"] = sum(v for k, v in timings.items() if k != "total")
     timings["wall"] = time.perf_counter() - wall
     timings.update({name: 0.0 for name in done})
@@ -314,6 +264,60 @@ def _build(cfg: WorldConfig, cache: Path, force: bool, progress: bool, num_threa
     _log(progress, f"done in {timings['wall']:.0f} s wall ({timings['total']:.0f} s of phases); manifest "
                    f"{cache / MANIFEST}")
     return manifest
+
+
+class ProgressWatcher:
+    """Shows the progress of the base model's second process as a bar of this process.
+
+    The second process's tqdm bars write to ``path`` (:func:`.phases.base_model_job`); a daemon thread reads the
+    file's last line every second and moves a bar ``base model: <phase>`` with the same counts and ETA.
+    """
+
+    _LINE = re.compile(r"(shapes VAE|shapes T2V):\s*\d+%\|[^|]*\|\s*(\d+)/(\d+)")
+
+    def __init__(self, path: str, interval: float = 1.0):
+        import threading
+
+        self.path, self.interval, self.bar, self.phase = path, interval, None, None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.poll()
+
+    def poll(self) -> None:
+        """Read the newest bar state from the file and show it."""
+        from tqdm.auto import tqdm
+
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(max(0, os.path.getsize(self.path) - 400))
+                tail = f.read().decode(errors="ignore")
+        except OSError:
+            return
+        found = self._LINE.findall(tail)
+        if not found:
+            return
+        phase, n, total = found[-1][0], int(found[-1][1]), int(found[-1][2])
+        if phase != self.phase:
+            if self.bar is not None:
+                self.bar.close()
+            self.bar = tqdm(total=total, desc=f"base model: {phase.split()[-1]}", unit="step", position=1,
+                            leave=False)
+            self.phase = phase
+        self.bar.update(n - self.bar.n)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        if self.bar is not None:
+            self.bar.close()
+        try:
+            os.remove(self.path)
+        except OSError:
+            pass
 
 
 def _run_phases(cfg: WorldConfig, cache: Path, manifest: dict, todo: list, phase, side, progress: bool,

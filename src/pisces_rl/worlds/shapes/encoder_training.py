@@ -82,6 +82,7 @@ class ShapesEncoderConfig:
     itm_weight: float = 1.0       # loss = itc + itm_weight * itm
     direction_negatives: bool = True    # also train on reversed-direction captions (needs ``temporal``)
     temporal: bool = True         # a TemporalAdapter makes the features frame-order aware (module doc)
+    motion_moments: bool = True   # ... with motion moments of the patch tokens in the pooled token (False: kept 0)
     reversed_negatives: bool = True     # time-reversed moving clips as ITC / ITM negatives of their caption
     augment: float = 0.5          # probability per clip of a light degradation (noise / blur / brightness)
     hard_negatives: int = 1       # hard negative captions per clip and step (ITM)
@@ -286,6 +287,8 @@ def train_shapes_encoder(dataset, cfg: ShapesEncoderConfig = ShapesEncoderConfig
         patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, initializer_range=cfg.init_range)
     encoder.to(device or "cpu").train()
     encoder.requires_grad_(True)
+    if encoder.temporal is not None and not cfg.motion_moments:
+        encoder.temporal.moments.requires_grad_(False)                            # stays 0: the older adapter
     logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07), device=encoder.device))
     named = list(encoder.named_parameters())
     decay = [p for name, p in named if p.dim() > 1 and "embedding" not in name]

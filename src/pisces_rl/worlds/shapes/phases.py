@@ -123,11 +123,18 @@ def train_base_model(cfg, out: Path, progress: bool) -> dict:
             "parameters": info.get("parameters"), "phase_seconds": info.get("seconds")}
 
 
-def base_model_job(cfg, out: str, num_threads: Optional[int]) -> tuple:
-    """Body of the base-model process of a parallel build: ``(metrics, seconds)`` of training into ``out``."""
+def base_model_job(cfg, out: str, num_threads: Optional[int], progress_file: Optional[str] = None) -> tuple:
+    """Body of the base-model process of a parallel build: ``(metrics, seconds)`` of training into ``out``.
+
+    With ``progress_file`` the process's progress bars go to that file (the parent process reads it and shows one
+    bar of its own, :class:`~.build.ProgressWatcher`) instead of to the terminal the parent draws on."""
+    import sys
+
     from .base_model import torch_threads
 
     start = time.perf_counter()
+    if progress_file:
+        sys.stderr = open(progress_file, "w", buffering=1)
     with torch_threads(num_threads):
-        metrics = train_base_model(cfg, Path(out), progress=False)
+        metrics = train_base_model(cfg, Path(out), progress=bool(progress_file))
     return metrics, time.perf_counter() - start
