@@ -183,15 +183,16 @@ def test_dataset_latents_and_one_clear_error_per_bad_input(tmp_path):
     assert trainer.make_batch(0).prompts[0] in data["caption"]
     assert trainer.train()["reward/b/mean"] > 0
 
+    fresh = tmp_path / "unused"  # tmp_path now holds a run, which a new trainer would refuse to start over
     with pytest.raises(ValueError, match="sampling.num_frames=5"):
-        BackpropTrainer(tiny_config(tmp_path, "train.latent_source=dataset", "sampling.num_frames=9"),
+        BackpropTrainer(tiny_config(fresh, "train.latent_source=dataset", "sampling.num_frames=9"),
                         rewards={"b": brightness}, dataset=data)
     with pytest.raises(ValueError, match="differentiable = True"):
-        BackpropTrainer(tiny_config(tmp_path), rewards={"plain": lambda videos, prompts: videos.mean((1, 2, 3, 4))})
+        BackpropTrainer(tiny_config(fresh), rewards={"plain": lambda videos, prompts: videos.mean((1, 2, 3, 4))})
     with pytest.raises(ConfigError, match="train.train_batch_size"):
-        tiny_config(tmp_path, "train.adaptive_fusion=true", "train.train_batch_size=1")
+        tiny_config(fresh, "train.adaptive_fusion=true", "train.train_batch_size=1")
     with pytest.raises(ValueError, match="sigma_range"):
-        BackpropTrainer(tiny_config(tmp_path, "train.sigma_range=[0.99, 0.995]"), rewards={"b": brightness})
+        BackpropTrainer(tiny_config(fresh, "train.sigma_range=[0.99, 0.995]"), rewards={"b": brightness})
 
 
 def test_reward_frame_cap_splits_calls_without_changing_scores():
