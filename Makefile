@@ -11,6 +11,11 @@ ACCEL   ?= recipes/accelerate/single.yaml
 ARGS    ?=
 PYTEST_ARGS ?=
 
+# without a GPU, tell DeepSpeed up front (accelerate's launcher imports it, and it warns that it found no GPU)
+ifeq ($(shell command -v nvidia-smi 2>/dev/null),)
+export DS_ACCELERATOR ?= cpu
+endif
+
 # a config whose model is the ShapesWorld base model (`pretrained: shapes`) needs the built world first
 needs_world = $(if $(shell grep -sqE '^[[:space:]]*pretrained:[[:space:]]*shapes' $(1) && echo yes),world)
 BACKPROP_CONFIG := $(if $(filter command line environment,$(origin CONFIG)),$(CONFIG),recipes/configs/backprop_tiny_cpu.yaml)
@@ -40,10 +45,10 @@ test-gpu: install  ## GPU tests (needs CUDA)
 	$(PY) -m pytest -m "gpu" -q $(PYTEST_ARGS)
 
 train-grpo: install $(call needs_world,$(CONFIG))  ## GRPO post-training (default: ShapesWorld on CPU, builds the world once); CONFIG=, ACCEL=, ARGS=
-	$(VENV)/bin/accelerate launch --config_file $(ACCEL) $(RECIPE) --config $(CONFIG) $(ARGS)
+	$(VENV)/bin/accelerate launch --quiet --config_file $(ACCEL) $(RECIPE) --config $(CONFIG) $(ARGS)
 
 train-backprop: install $(call needs_world,$(BACKPROP_CONFIG))  ## direct reward backprop + consistency distillation (default: tiny CPU run); CONFIG=, ACCEL=, ARGS=
-	$(VENV)/bin/accelerate launch --config_file $(ACCEL) recipes/backprop_short_video.py --config $(BACKPROP_CONFIG) $(ARGS)
+	$(VENV)/bin/accelerate launch --quiet --config_file $(ACCEL) recipes/backprop_short_video.py --config $(BACKPROP_CONFIG) $(ARGS)
 
 world: install  ## build ShapesWorld (encoder, OT maps, base model) into .cache/shapes_world; WORLD_ARGS='--profile quick --force'
 	$(PY) -m pisces_rl.cli world build $(WORLD_ARGS)

@@ -12,8 +12,8 @@ without touching this file:
   CONFIG/ACCEL files exist, and the recipe command it expands to is checked as below; ``make help`` runs);
   recipe launches (``accelerate launch`` / ``python recipes/X.py``: launch config, script and ``--config`` file
   exist, overrides load against the recipe's config class, ``--help`` runs; a tiny single-process run of at most
-  2 steps really runs); other ``python`` scripts and ``pisces-rl`` subcommands (``--help`` works and lists every
-  ``--flag`` used); any other program: syntax only;
+  2 steps really runs, without DeepSpeed's no-GPU warning); other ``python`` scripts and ``pisces-rl``
+  subcommands (``--help`` works and lists every ``--flag`` used); any other program: syntax only;
 * ```yaml -- parses; a mapping of run-config sections loads as a ``GRPOConfig``.
 
 A block preceded by ``<!-- docs-test: skip (REASON) -->`` is not run; use it only for a GPU, a hub download, the
@@ -42,7 +42,8 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 MARKER = re.compile(r"^<!--\s*docs-test:\s*(\w+)\s*(.*?)\s*-->$")
 FENCE = re.compile(r"^ {0,3}```\s*([\w+-]*)")
 ENV = {k: v for k, v in os.environ.items()
-       if not k.startswith("ACCELERATE_") and k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+       if not k.startswith("ACCELERATE_")
+       and k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
 ENV.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=os.pathsep.join(  # absolute: other folders
     str(Path(p).resolve()) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p))
 PROGRAMS = {"python": [sys.executable], "python3": [sys.executable],
@@ -172,8 +173,8 @@ def test_schema_block_matches_the_code(block):
             continue
         fields = {f.name: f for f in dataclasses.fields(real) if f.init}
         assert set(documented) == set(fields), (
-            f"{block.id}: {node.name} fields differ from the code: only in the doc {sorted(set(documented) - set(fields))}, "
-            f"only in the code {sorted(set(fields) - set(documented))}")
+            f"{block.id}: {node.name} fields differ from the code: only in the doc "
+            f"{sorted(set(documented) - set(fields))}, only in the code {sorted(set(fields) - set(documented))}")
         for name, expr in documented.items():
             if expr is None:
                 continue
@@ -264,6 +265,7 @@ def check_recipe(where: str, command: list[str], launcher: list[str], args: list
         proc = run([*PROGRAMS[command[0]], *command[1:]], repo_mirror(cwd), timeout=300)
         assert proc.returncode == 0, f"{where}: `{' '.join(command)}` failed:\n{(proc.stdout + proc.stderr)[-3000:]}"
         assert (cwd / cfg.output_dir / "summary.json").is_file(), f"{where}: the run wrote no summary.json"
+        assert "unable to detect" not in proc.stdout + proc.stderr, f"{where}: DeepSpeed's no-GPU warning is back"
 
 
 def check_command(where: str, command: list[str], cwd: Path) -> None:
@@ -278,7 +280,8 @@ def check_command(where: str, command: list[str], cwd: Path) -> None:
         assert not unknown, f"{where}: no Makefile target {unknown} (targets: {sorted(makefile_targets())})"
         variables = dict(a.split("=", 1) for a in args if "=" in a)
         for var in ("CONFIG", "ACCEL", "RECIPE"):
-            assert var not in variables or (ROOT / variables[var]).is_file(), f"{where}: {var}={variables[var]} not found"
+            assert var not in variables or (ROOT / variables[var]).is_file(), \
+                f"{where}: {var}={variables[var]} not found"
         if targets == ["help"]:
             assert run(["make", "help"], ROOT).returncode == 0
             return
@@ -367,3 +370,17 @@ def test_fit_ot_map_help_explains_every_option_once():
         assert text.replace("%(default)s", "").count("default") <= 1, f"{action.option_strings}: default twice"
     rendered = fit.format_help()
     assert "(default: None)" not in rendered and "(default: False)" not in rendered
+
+
+def test_the_command_checks_catch_what_drifts(tmp_path):
+    """The checks above fail on a renamed target, a bad override, a missing config and an unknown flag."""
+    launch = "accelerate launch --config_file recipes/accelerate/single.yaml recipes/grpo_short_video.py --config"
+    broken = ["make train-gpro", f"{launch} recipes/configs/grpo_tiny_cpu.yaml train.max_step=2",
+              f"{launch} recipes/configs/grpo_gone.yaml", "pisces-rl fit-ot-map --dataset d --output o --no-such-flag",
+              "python benchmarks/no_such_script.py"]
+    for text in broken:
+        (command,) = split_commands(text)
+        with pytest.raises((AssertionError, pytest.fail.Exception)):
+            check_command("test", command, tmp_path)
+    assert split_commands("make world && make train-grpo ARGS='a=1 b=2'  # both\nx \\\n  --y") == [
+        ["make", "world"], ["make", "train-grpo", "ARGS=a=1 b=2"], ["x", "--y"]]

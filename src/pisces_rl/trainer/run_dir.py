@@ -64,10 +64,11 @@ def check_output_dir(cfg: Any) -> bool:
         diffs = resume_mismatches(saved, cfg.to_dict()) if saved is not None else []
         if diffs:
             changes = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in diffs)
-            raise ConfigError(f"{checkpoint} was saved by a run with other values of {', '.join(k for k, _, _ in diffs)} "
-                              f"({changes}); a checkpoint only continues the run that saved it: set those keys back, "
-                              "or start a new run (another output_dir, or overwrite_output_dir=true and "
-                              "checkpoint.resume_from=null)", "checkpoint.resume_from")
+            keys = ", ".join(k for k, _, _ in diffs)
+            raise ConfigError(f"{checkpoint} was saved by a run with other values of {keys} ({changes}); a "
+                              "checkpoint only continues the run that saved it: set those keys back, or start a new "
+                              "run (another output_dir, or overwrite_output_dir=true and checkpoint.resume_from=null)",
+                              "checkpoint.resume_from")
     return overwrite and bool(previous)
 
 
