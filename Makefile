@@ -11,6 +11,11 @@ ACCEL   ?= recipes/accelerate/single.yaml
 ARGS    ?=
 PYTEST_ARGS ?=
 
+# without a GPU, tell DeepSpeed up front (accelerate's launcher imports it, and it warns that it found no GPU)
+ifeq ($(shell command -v nvidia-smi 2>/dev/null),)
+export DS_ACCELERATOR ?= cpu
+endif
+
 # a config whose model is the ShapesWorld base model (`pretrained: shapes`) needs a world: the prebuilt one shipped
 # in the package, else one built here first (`make world`)
 PREBUILT_WORLD := src/pisces_rl/worlds/shapes/prebuilt/manifest.json
@@ -41,11 +46,16 @@ test-slow: install  ## slow tests only
 test-gpu: install  ## GPU tests (needs CUDA)
 	$(PY) -m pytest -m "gpu" -q $(PYTEST_ARGS)
 
+# without a GPU, tell DeepSpeed up front (accelerate's launcher imports it, and it warns that it found no GPU)
+ifeq ($(shell command -v nvidia-smi 2>/dev/null),)
+export DS_ACCELERATOR ?= cpu
+endif
+
 train-grpo: install $(call needs_world,$(CONFIG))  ## GRPO post-training (default: ShapesWorld on CPU, the prebuilt world); CONFIG=, ACCEL=, ARGS=
 	$(VENV)/bin/accelerate launch --config_file $(ACCEL) $(RECIPE) --config $(CONFIG) $(ARGS)
 
 train-backprop: install $(call needs_world,$(BACKPROP_CONFIG))  ## direct reward backprop + consistency distillation (default: tiny CPU run); CONFIG=, ACCEL=, ARGS=
-	$(VENV)/bin/accelerate launch --config_file $(ACCEL) recipes/backprop_short_video.py --config $(BACKPROP_CONFIG) $(ARGS)
+	$(VENV)/bin/accelerate launch --quiet --config_file $(ACCEL) recipes/backprop_short_video.py --config $(BACKPROP_CONFIG) $(ARGS)
 
 world: install  ## rebuild ShapesWorld from nothing into .cache/shapes_world (used instead of the prebuilt one); WORLD_ARGS='--profile quick --force'
 	$(PY) -m pisces_rl.cli world build $(WORLD_ARGS)

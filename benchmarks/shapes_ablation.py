@@ -78,7 +78,7 @@ def run_one(trainer: str, row: str, seed: int, args) -> dict:
     steps = args.grpo_steps if trainer == "grpo" else args.backprop_steps
     if not (args.reuse and summary.exists()):
         cmd = [sys.executable, str(ROOT / recipe), "--config", str(ROOT / config), f"output_dir={out}",
-               f"train.seed={seed}", "logging.report_to=none", "checkpoint.save_every=0", "logging.sample_every=0",
+               "overwrite_output_dir=true", f"train.seed={seed}", "logging.report_to=none", "checkpoint.save_every=0", "logging.sample_every=0",
                *([f"train.max_steps={steps}"] if steps else []), *ROWS[row], *args.set]
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         out.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,9 @@ Launch (one process; see recipes/accelerate/ for DDP and DeepSpeed ZeRO-2)::
     accelerate launch --config_file recipes/accelerate/single.yaml recipes/backprop_short_video.py \\
         --config recipes/configs/backprop_tiny_cpu.yaml train.max_steps=2 output_dir=runs/try
 
-Everything the run does is in the config; ``--help`` lists every field with its meaning.
+Everything the run does is in the config; ``--help`` lists every field with its meaning. Bad input
+(an unknown key, a missing prompt file, model or OT map) stops the run before anything is built, with one line
+``error: <key>: <message>`` and exit status 2; ``--debug`` also prints the traceback.
 """
 from __future__ import annotations
 
@@ -20,22 +22,27 @@ import logging
 import sys
 
 from pisces_rl.config import BackpropConfig, parse_cli
-from pisces_rl.trainer import BackpropTrainer, setup_logging
+from pisces_rl.config.inputs import check_inputs, exit_on_config_error, pop_debug
 
 log = logging.getLogger("pisces_rl.recipes.backprop_short_video")
 
 
 def main(argv: list[str] | None = None) -> dict:
-    config = parse_cli(BackpropConfig, sys.argv[1:] if argv is None else argv)
-    setup_logging()
-    t = config.train
-    log.info("direct backprop: latents from %s; loss = %g * L_CD(target=%s) - sum_r w_r R_r with %s; "
-             "guidance %s (teacher %s); adaptive fusion %s",
-             t.video_dataset if t.latent_source == "dataset" else "the policy's samples", t.cd_weight, t.cd_target,
-             config.rewards.weights, t.guidance_scale, t.teacher_guidance_scale,
-             "on" if t.adaptive_fusion else "off")
-    trainer = BackpropTrainer(config)
-    return trainer.train()
+    argv, debug = pop_debug(sys.argv[1:] if argv is None else argv)
+    with exit_on_config_error(debug):  # a bad config or input: one line `error: <key>: <fix>`, exit 2
+        config = parse_cli(BackpropConfig, argv)
+        check_inputs(config)            # prompt files, model / encoder / OT map / LoRA paths, world
+        from pisces_rl.trainer import BackpropTrainer, setup_logging  # (heavy: after the checks)
+
+        setup_logging()
+        t = config.train
+        log.info("direct backprop: latents from %s; loss = %g * L_CD(target=%s) - sum_r w_r R_r with %s; "
+                 "guidance %s (teacher %s); adaptive fusion %s",
+                 t.video_dataset if t.latent_source == "dataset" else "the policy's samples", t.cd_weight,
+                 t.cd_target, config.rewards.weights, t.guidance_scale, t.teacher_guidance_scale,
+                 "on" if t.adaptive_fusion else "off")
+        trainer = BackpropTrainer(config)
+        return trainer.train()
 
 
 if __name__ == "__main__":

@@ -23,20 +23,25 @@ import logging
 import sys
 
 from pisces_rl.config import GRPOConfig, parse_cli
-from pisces_rl.trainer import GRPOTrainer, setup_logging
+from pisces_rl.config.inputs import check_inputs, exit_on_config_error, pop_debug
 
 log = logging.getLogger("pisces_rl.recipes.grpo_long_video")
 
 
 def main(argv: list[str] | None = None) -> dict:
-    config = parse_cli(GRPOConfig, sys.argv[1:] if argv is None else argv)
-    setup_logging()
-    r = config.rewards
-    log.info("long video: %d frames; reward sees %s frames x %d window(s); checkpointing=%s; decode chunk=%d",
-             config.sampling.num_frames, r.num_frames or "all", r.temporal_windows,
-             config.model.gradient_checkpointing, config.sampling.decode_chunk_size)
-    trainer = GRPOTrainer(config)
-    return trainer.train()
+    argv, debug = pop_debug(sys.argv[1:] if argv is None else argv)
+    with exit_on_config_error(debug):  # a bad config or input: one line `error: <key>: <fix>`, exit 2
+        config = parse_cli(GRPOConfig, argv)
+        check_inputs(config)            # prompt files, model / encoder / OT map / LoRA paths, world
+        from pisces_rl.trainer import GRPOTrainer, setup_logging  # (heavy: after the checks)
+
+        setup_logging()
+        r = config.rewards
+        log.info("long video: %d frames; reward sees %s frames x %d window(s); checkpointing=%s; decode chunk=%d",
+                 config.sampling.num_frames, r.num_frames or "all", r.temporal_windows,
+                 config.model.gradient_checkpointing, config.sampling.decode_chunk_size)
+        trainer = GRPOTrainer(config)
+        return trainer.train()
 
 
 if __name__ == "__main__":

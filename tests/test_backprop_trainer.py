@@ -318,14 +318,15 @@ def test_teacher_runs_without_cfg_by_default(tmp_path, overrides, expected):
 
 
 def test_other_bad_inputs_are_clear_errors(tmp_path):
+    fresh = tmp_path / "unused"  # a directory that holds no run
     with pytest.raises(ValueError, match="differentiable = True"):
-        BackpropTrainer(tiny_config(tmp_path), rewards={"plain": lambda videos, prompts: videos.mean((1, 2, 3, 4))})
+        BackpropTrainer(tiny_config(fresh), rewards={"plain": lambda videos, prompts: videos.mean((1, 2, 3, 4))})
     with pytest.raises(ConfigError, match="train.train_batch_size"):
-        tiny_config(tmp_path, "train.adaptive_fusion=true", "train.train_batch_size=1")
+        tiny_config(fresh, "train.adaptive_fusion=true", "train.train_batch_size=1")
     with pytest.raises(ValueError, match="sigma_range"):
-        BackpropTrainer(tiny_config(tmp_path, "train.sigma_range=[0.99, 0.995]"), rewards={"b": brightness})
+        BackpropTrainer(tiny_config(fresh, "train.sigma_range=[0.99, 0.995]"), rewards={"b": brightness})
     with pytest.raises(ConfigError, match="train.teacher_guidance_scale"):
-        tiny_config(tmp_path, "train.teacher_guidance_scale=-1")
+        tiny_config(fresh, "train.teacher_guidance_scale=-1")
 
 
 def test_reward_frame_cap_splits_calls_without_changing_scores():

@@ -34,38 +34,64 @@ def _positive_int(text: str) -> int:
 def _add_fit_ot_map(subparsers) -> None:
     p = subparsers.add_parser(
         "fit-ot-map", help="fit the text->video OT map of the quality reward on a captioned video corpus",
-        description="Encode (caption, video) pairs with the frozen reward encoder and fit a Neural OT map "
-                    "(or the L2 regression baseline) from text [CLS] embeddings to real-video embeddings. "
-                    "Videos are nested arrays [F,C,H,W] or [F,H,W,C], uint8 in [0,255] or float in [0,1].",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        description="Encode every (caption, video) pair of a corpus of real videos with the frozen reward encoder and "
+                    "fit a Neural OT map (PISCES) -- or the L2 regression baseline -- from the encoder's text [CLS] "
+                    "embeddings to its video embeddings. The map is selected on held-out pairs (mutual-kNN, "
+                    "distance Spearman) and saved for rewards.ot_map.",
+        epilog="example: pisces-rl fit-ot-map --dataset path/to/captioned_videos --encoder path/to/blip-itm "
+               "--output runs/ot_map_blip")
     data = p.add_argument_group("data")
-    data.add_argument("--dataset", required=True,
-                      help="save_to_disk directory, or a .parquet/.json/.jsonl/.arrow file")
-    data.add_argument("--split", default="train", help="split to use when the dataset has several")
-    data.add_argument("--video-column", default="video")
-    data.add_argument("--caption-column", default="caption")
+    data.add_argument("--dataset", required=True, metavar="PATH",
+                      help="the captioned real videos: a Dataset.save_to_disk directory or a .parquet/.json/.jsonl/"
+                           ".arrow file (required)")
+    data.add_argument("--split", default="train", metavar="NAME",
+                      help="split to use when --dataset holds several (default: %(default)s)")
+    data.add_argument("--video-column", default="video", metavar="NAME",
+                      help="column holding each video as a nested array [F,C,H,W] or [F,H,W,C], uint8 in [0,255] or "
+                           "float in [0,1] (default: %(default)s)")
+    data.add_argument("--caption-column", default="caption", metavar="NAME",
+                      help="column holding each video's caption (default: %(default)s)")
     data.add_argument("--video-layout", default="auto", choices=["auto", "fchw", "fhwc"],
-                      help="axis order of each stored video")
-    data.add_argument("--max-samples", type=_positive_int, default=None, help="use only the first N pairs")
+                      help="axis order of the stored videos; auto = told by where the size-1 or size-3 channel axis is "
+                           "(an error when both orders fit)")
+    data.add_argument("--max-samples", type=_positive_int, default=None, metavar="N",
+                      help="use only the first N pairs (default: all)")
     enc = p.add_argument_group("encoder")
-    enc.add_argument("--encoder", default="tiny",
-                     help="'tiny' (random in-code BLIP, 'tiny:SEED' for another seed) or a BLIP-ITM checkpoint dir")
-    enc.add_argument("--num-frames", type=_positive_int, default=None, help="frames per clip fed to the encoder")
-    enc.add_argument("--encode-batch-size", type=_positive_int, default=16)
+    enc.add_argument("--encoder", default="tiny", metavar="SPEC",
+                     help="the reward encoder the map is for (use the one of rewards.encoder): a BLIP-ITM checkpoint "
+                          "directory, 'tiny' (random in-code BLIP, 'tiny:SEED' for another seed) or 'shapes' "
+                          "(default: %(default)s)")
+    enc.add_argument("--num-frames", type=_positive_int, default=None, metavar="N",
+                     help="frames per clip given to the encoder, uniformly subsampled (default: the encoder's own)")
+    enc.add_argument("--encode-batch-size", type=_positive_int, default=16, metavar="N",
+                     help="clips per encoder forward while embedding the corpus; lower it if memory runs out "
+                          "(default: %(default)s)")
     fit = p.add_argument_group("map")
     fit.add_argument("--map", dest="map_type", default="neural", choices=["neural", "l2"],
-                     help="neural = Neural OT map (PISCES); l2 = L2 regression baseline")
-    fit.add_argument("--hidden", type=_positive_int, default=1024, help="hidden width of the map's MLPs")
-    fit.add_argument("--steps", type=_positive_int, default=1000, help="training steps")
-    fit.add_argument("--batch-size", type=_positive_int, default=128)
-    fit.add_argument("--lr", type=float, default=1e-4)
-    fit.add_argument("--k-t", type=_positive_int, default=10, help="map steps per critic step (neural map)")
-    fit.add_argument("--val-fraction", type=float, default=0.1, help="held-out pairs for model selection")
-    fit.add_argument("--eval-every", type=_positive_int, default=None, help="steps between validations")
-    fit.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", required=True, help="directory the map is saved to (save_pretrained)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+                     help="neural = Neural OT map (PISCES, the default); l2 = L2 regression baseline (the ablation)")
+    fit.add_argument("--hidden", type=_positive_int, default=1024, metavar="N",
+                     help="hidden width of the map's and the critic's MLPs (default: %(default)s, PISCES)")
+    fit.add_argument("--steps", type=_positive_int, default=1000, metavar="N",
+                     help="training steps; a neural-map step is --k-t map updates and one critic update "
+                          "(default: %(default)s)")
+    fit.add_argument("--batch-size", type=_positive_int, default=128, metavar="N",
+                     help="pairs per update (default: %(default)s, PISCES)")
+    fit.add_argument("--lr", type=float, default=1e-4, metavar="LR",
+                     help="Adam learning rate, cosine-decayed to 0 (default: %(default)s, PISCES)")
+    fit.add_argument("--k-t", type=_positive_int, default=10, metavar="N",
+                     help="map updates per critic update, neural map only (default: %(default)s, PISCES)")
+    fit.add_argument("--val-fraction", type=float, default=0.1, metavar="F",
+                     help="fraction of the pairs held out to select the best checkpoint (default: %(default)s)")
+    fit.add_argument("--eval-every", type=_positive_int, default=None, metavar="N",
+                     help="steps between held-out evaluations (default: steps / 10; always at the end)")
+    fit.add_argument("--seed", type=int, default=0, help="seed of the held-out split and of the batch sampling "
+                                                         "(default: %(default)s)")
+    out = p.add_argument_group("output")
+    out.add_argument("--output", required=True, metavar="DIR",
+                     help="directory the map is saved to, with fit_ot_map.json (corpus size, options, held-out "
+                          "metrics); give it to rewards.ot_map (required)")
+    out.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    out.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=_run_fit_ot_map)
 
 

@@ -113,6 +113,9 @@ class BackpropConfig(ConfigBase):
     logging: LoggingConfig = section(LoggingConfig, "metrics and sample videos")
     checkpoint: CheckpointConfig = section(CheckpointConfig, "checkpoints")
     output_dir: str = option("runs/backprop", "run directory: resolved config, logs, samples, checkpoints, LoRA")
+    overwrite_output_dir: bool = option(False, "start over in an output_dir that holds a previous run, removing "
+                                               "that run's files (otherwise such a run stops with an error, unless "
+                                               "checkpoint.resume_from continues it)")
 
     def _check(self) -> None:
         require(self.output_dir.strip() != "", "output_dir", "is empty; use e.g. runs/backprop")

@@ -13,8 +13,9 @@ __all__ = ["VideoTextEncoder", "TextFeatures", "VideoFeatures", "AttentionFuser"
 
 def load_encoder(spec, num_frames=None, device=None, dtype=None):
     """``"tiny"`` (or ``"tiny:SEED"``) → :meth:`BlipVideoTextEncoder.tiny`; a directory → ``from_pretrained``;
-    ``"shapes"`` → the ShapesWorld encoder built by ``make world``; an encoder object is returned as is.
-    Frozen in every case."""
+    ``"shapes"`` → the ShapesWorld encoder built by ``make world``; a hub id ``org/name`` that is not a local path →
+    its snapshot in the Hugging Face cache (downloaded if the Hub is reachable); an encoder object is returned as
+    is. Frozen in every case."""
     if not isinstance(spec, str):
         return spec
     if spec == "shapes":
@@ -27,4 +28,21 @@ def load_encoder(spec, num_frames=None, device=None, dtype=None):
             from .blip import _resolve_dtype
             encoder = encoder.to(dtype=_resolve_dtype(dtype))
         return encoder.to(device) if device is not None else encoder
+    from pisces_rl.config.inputs import looks_like_hub_id
+
+    if looks_like_hub_id(spec):
+        spec = _hub_snapshot(spec)
     return BlipVideoTextEncoder.from_pretrained(spec, num_frames=num_frames, device=device, dtype=dtype)
+
+
+def _hub_snapshot(repo_id: str) -> str:
+    """Local directory of a Hub checkpoint: config, tokenizer and safetensors weights (pickled weights only if the
+    repository has no safetensors)."""
+    import os
+
+    from huggingface_hub import snapshot_download
+
+    path = snapshot_download(repo_id, allow_patterns=["*.json", "*.txt", "*.safetensors"])
+    if not any(name.endswith(".safetensors") for name in os.listdir(path)):
+        path = snapshot_download(repo_id, allow_patterns=["*.json", "*.txt", "pytorch_model*.bin"])
+    return path

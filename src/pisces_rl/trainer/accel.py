@@ -83,6 +83,8 @@ def build_accelerator(
                          "backend is selected automatically.")
     launched = int(os.environ.get("LOCAL_RANK", -1)) != -1          # started by torchrun / accelerate launch
     no_cuda = not torch.cuda.is_available()
+    if no_cuda:  # say CPU up front: DeepSpeed's own detection (imported by accelerate) warns it found no GPU
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     handlers = list(kwargs_handlers or [])
     if launched and no_cuda and not any(isinstance(h, InitProcessGroupKwargs) for h in handlers):
         handlers.append(InitProcessGroupKwargs(backend="gloo"))

@@ -21,6 +21,7 @@ from typing import Any, Mapping, Optional, Union
 import torch
 
 from ..config import save_yaml
+from ..config.inputs import check_inputs
 from ..data import GroupSampler, load_prompts
 from ..models import UpdateRatio, build_policy
 from ..rewards import RewardOutput, RewardServer, build_reward_server
@@ -29,6 +30,7 @@ from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .evaluation import EvalResult, eval_series, evaluate_policy, resolve_judge
 from .figures import plot_reward_curves, save_captioned_grid
 from .model_card import create_hub_repo, hub_repo_name, upload_to_hub, write_model_card
+from .run_dir import check_output_dir, clear_previous_run
 from .tracking import format_summary, init_trackers, progress_postfix, save_video_grid
 
 logger = logging.getLogger("pisces_rl.trainer")
@@ -46,6 +48,8 @@ class TrainerBase:
         """Validate the config; build accelerator, batch arithmetic, policy and reward server."""
         self.config = cfg = config
         cfg.validate()
+        check_inputs(cfg, model=policy is None, rewards=rewards is None, data=False)  # before anything is built
+        overwrite = check_output_dir(cfg)
         t = cfg.train
         self.accelerator = acc = build_accelerator(
             mixed_precision=t.mixed_precision,
@@ -55,6 +59,9 @@ class TrainerBase:
             project_dir=cfg.output_dir,
             train_micro_batch_size=t.train_batch_size,
         )
+        if overwrite and acc.is_main_process:
+            logger.info("overwrite_output_dir: removed the previous run's %s", clear_previous_run(cfg.output_dir))
+        acc.wait_for_everyone()
         self.batch = batch_arithmetic(cfg, acc.num_processes)
         torch.manual_seed(t.seed)
         self.policy = policy if policy is not None else build_policy(cfg.model, device=acc.device)
@@ -246,7 +253,8 @@ class TrainerBase:
         c = self.config.checkpoint
         if force or (c.save_every and self.step % c.save_every == 0):
             save_checkpoint(self.accelerator, self.config.output_dir, self.step, models=[self.model],
-                            extra_state={"step": self.step, "history": self.history},
+                            extra_state={"step": self.step, "history": self.history,
+                                         "config": self.config.to_dict()},  # what resume compares (run_dir.py)
                             lora_saver=self.save_lora, keep_last=c.keep_last,
                             weights_dir=self.policy.weights_dirname)
 
