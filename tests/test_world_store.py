@@ -104,3 +104,27 @@ def test_the_prebuilt_world_loads_through_the_library(tmp_path, monkeypatch):
     ot_map = NeuralOTMap.from_pretrained(world_artifact("ot_map"))
     assert ot_map.dim == encoder.embed_dim
     assert isinstance(WanPipeline.from_pretrained(world_artifact("base_model")), WanPipeline)
+
+
+def test_sharding_keeps_the_tensors_and_loads_with_from_pretrained(tmp_path):
+    """export_world splits large weight files; diffusers reads the shards through their index as the single file."""
+    import torch
+    from diffusers import AutoencoderKLWan
+    from safetensors.torch import load_file
+
+    from pisces_rl.worlds.shapes.store import shard_safetensors
+
+    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1], num_res_blocks=1, temperal_downsample=[False])
+    vae.save_pretrained(tmp_path / "vae")
+    single = tmp_path / "vae" / "diffusion_pytorch_model.safetensors"
+    before = load_file(str(single))
+    shards = shard_safetensors(single, max_bytes=20_000)
+    assert len(shards) > 1 and not single.exists()
+    index = json.loads((tmp_path / "vae" / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    after = {}
+    for shard in shards:
+        assert (tmp_path / "vae" / shard).stat().st_size < 20_000 + 2 * max(t.numel() * 4 for t in before.values())
+        after.update(load_file(str(tmp_path / "vae" / shard)))
+    assert set(index["weight_map"]) == set(before) and all(torch.equal(before[k], after[k]) for k in before)
+    loaded = AutoencoderKLWan.from_pretrained(tmp_path / "vae")
+    assert all(torch.equal(p, before[k]) for k, p in loaded.state_dict().items())

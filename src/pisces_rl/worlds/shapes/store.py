@@ -32,7 +32,7 @@ from typing import Iterable, Optional, Union
 
 __all__ = ["MANIFEST", "ARTIFACTS", "WORLD_NAMES", "PREBUILT_DIR", "WorldIntegrityError", "default_cache_dir",
            "active_world_dir", "read_manifest", "write_manifest", "file_hashes", "verify_world", "world_artifact",
-           "resolve_world_name", "export_world"]
+           "resolve_world_name", "shard_safetensors", "export_world"]
 
 MANIFEST = "manifest.json"
 ARTIFACTS = ("encoder", "ot_map", "l2_map", "base_model")
@@ -170,10 +170,41 @@ def resolve_world_name(spec, role: str) -> Optional[str]:
     return str(world_artifact(WORLD_NAMES[role][spec]))
 
 
-def export_world(cache_dir: PathLike, dest: PathLike, extra: Optional[dict] = None) -> dict:
+def shard_safetensors(path: Path, max_bytes: int) -> list:
+    """Split ``<name>.safetensors`` into shards of at most ``max_bytes`` (a tensor larger than that gets a shard of
+    its own) plus ``<name>.safetensors.index.json`` -- the sharded layout that diffusers' and transformers'
+    ``from_pretrained`` read -- and remove the single file. The tensors are the same bytes. Returns the shards."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path))
+    groups, size = [[]], 0
+    for key, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if groups[-1] and size + nbytes > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(key)
+        size += nbytes
+    stem, names, weight_map = path.name[: -len(".safetensors")], [], {}
+    for i, keys in enumerate(groups, 1):
+        name = f"{stem}-{i:05d}-of-{len(groups):05d}.safetensors"
+        save_file({k: tensors[k].contiguous() for k in keys}, str(path.with_name(name)), metadata={"format": "pt"})
+        weight_map.update({k: name for k in keys})
+        names.append(name)
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    path.with_name(path.name + ".index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+    path.unlink()
+    return names
+
+
+def export_world(cache_dir: PathLike, dest: PathLike, extra: Optional[dict] = None,
+                 max_file_bytes: int = 4 * 2**20) -> dict:
     """Copy a built world (every artifact and its manifest, with fresh file hashes) to ``dest``; returns the
-    manifest written there. ``extra`` entries (e.g. ``quality_bars``, ``built_on``) are added to the manifest.
-    The world is verified before it is copied, and the copy after."""
+    manifest written there. ``extra`` entries (e.g. ``quality``, ``built_on``) are added to the manifest. Weight
+    files over ``max_file_bytes`` are split into shards (:func:`shard_safetensors`; same tensors, loaded the same
+    way), so no file of a world kept in git is large. The world is verified before it is copied, and the copy
+    after."""
     cache, dest = Path(cache_dir), Path(dest)
     manifest = read_manifest(cache)
     if manifest is None or set(manifest.get("artifacts", {})) != set(ARTIFACTS):
@@ -184,6 +215,8 @@ def export_world(cache_dir: PathLike, dest: PathLike, extra: Optional[dict] = No
     dest.mkdir(parents=True)
     for name in ARTIFACTS:
         shutil.copytree(cache / name, dest / name)
+        for big in [p for p in (dest / name).rglob("*.safetensors") if p.stat().st_size > max_file_bytes]:
+            shard_safetensors(big, max_file_bytes)
         manifest["artifacts"][name]["files"] = file_hashes(dest / name)
     manifest.update(extra or {})
     write_manifest(dest, manifest)
