@@ -21,15 +21,21 @@ from .base import ConfigBase, ConfigError, option, require, section
 __all__ = ["check_video_shape", "train_timesteps_per_video", "ModelConfig", "SamplingConfig", "RewardsConfig", "TrainConfig", "DataConfig", "LoggingConfig",
            "CheckpointConfig", "GRPOConfig", "batch_arithmetic", "MODEL_SOURCES", "ENCODER_SOURCES", "OT_MAP_SOURCES"]
 
-MODEL_SOURCES = ("tiny", "shapes")  # model.pretrained names resolved in code, not on disk
-ENCODER_SOURCES = ("tiny", "shapes")  # rewards.encoder names resolved in code
-OT_MAP_SOURCES = ("shapes", "shapes:l2")  # rewards.ot_map names of the ShapesWorld maps (neural OT / L2 baseline)
+MODEL_SOURCES = ("tiny",)  # model.pretrained names built in code; worlds register more (pisces_rl.registry, 'shapes')
+ENCODER_SOURCES = ("tiny",)  # rewards.encoder names built in code; worlds register more
+OT_MAP_SOURCES = ()  # rewards.ot_map: only registered names (ShapesWorld: 'shapes', 'shapes:l2' = its L2 baseline)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _HUB_REPO = re.compile(r"^([A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")  # train.hub_model_id: 'user/name' or 'name'
 
 
-def _check_source(key: str, value: Optional[str], names: tuple = (), what: str = "directory") -> None:
-    """``value`` must be a built-in name, an existing path, or look like a hub id ``org/name``."""
+def _check_source(key: str, value: Optional[str], names: tuple = (), what: str = "directory",
+                  kind: Optional[str] = None) -> None:
+    """``value`` must be a built-in name, a name registered for ``kind`` (:mod:`pisces_rl.registry`), an existing
+    path, or look like a hub id ``org/name``."""
+    if kind is not None:
+        from pisces_rl import registry
+
+        names = (*names, *registry.names(kind))
     if value is None or value in names or os.path.exists(os.path.expanduser(value)) or _HUB_ID.match(value):
         return
     builtin = f"one of {', '.join(repr(n) for n in names)}, " if names else ""
@@ -80,7 +86,7 @@ class ModelConfig(ConfigBase):
 
     def _check(self) -> None:
         require(self.pretrained.strip() != "", "pretrained", "is empty; use 'tiny' or a pipeline directory")
-        _check_source("pretrained", self.pretrained, MODEL_SOURCES, "pipeline directory")
+        _check_source("pretrained", self.pretrained, MODEL_SOURCES, "pipeline directory", kind="model")
         _check_source("lora_path", self.lora_path, (), "LoRA directory or file")
         require(self.family.strip() != "", "family", "is empty; use 'wan'")
         _positive(self, "lora_rank", "lora_alpha")
@@ -165,8 +171,8 @@ class RewardsConfig(ConfigBase):
         for name, weight in self.weights.items():
             require(name.strip() != "", "weights", "has an empty reward name")
             require(math.isfinite(weight), f"weights.{name}", f"must be a finite number, got {weight}")
-        _check_source("encoder", self.encoder, ENCODER_SOURCES, "encoder directory")
-        _check_source("ot_map", self.ot_map, OT_MAP_SOURCES, "OT map directory")
+        _check_source("encoder", self.encoder, ENCODER_SOURCES, "encoder directory", kind="encoder")
+        _check_source("ot_map", self.ot_map, OT_MAP_SOURCES, "OT map directory", kind="ot_map")
         _positive(self, "gamma", "eta", zero_ok=True)
         _positive(self, "epsilon", "temporal_windows", "max_batch_size")
         require(0 < self.mass <= 1, "mass", f"must be in (0, 1], got {self.mass}")
@@ -298,8 +304,11 @@ class LoggingConfig(ConfigBase):
                                        "this many pixels per side")
 
     def _check(self) -> None:
-        require(self.judge in ("none", "shapesbench") or ":" in self.judge, "judge",
-                f"{self.judge!r} is not 'none', 'shapesbench' or an import path 'package.module:function'")
+        from pisces_rl import registry
+
+        require(self.judge == "none" or registry.lookup("judge", self.judge) is not None or ":" in self.judge, "judge",
+                f"{self.judge!r} is not 'none', a registered judge ({', '.join(registry.names('judge')) or 'none'}) "
+                "or an import path 'package.module:function'")
         _positive(self, "log_every")
         _positive(self, "sample_every", zero_ok=True)
         require(self.project_name.strip() != "", "project_name", "is empty")

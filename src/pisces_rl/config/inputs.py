@@ -219,7 +219,9 @@ def _check_video_dataset(value: str, caption_column: str) -> None:
 
 # ---------------------------------------------------------------------------------------------- judge etc.
 def _check_judge(value: str) -> None:
-    if value in ("none", "shapesbench"):
+    from pisces_rl.registry import lookup
+
+    if value == "none" or lookup("judge", value) is not None:
         return
     _check_import("logging.judge", value)
 
@@ -245,15 +247,12 @@ def _existing(value: str) -> Optional[Path]:
 
 def _world(key: str, value: str) -> bool:
     """True if ``value`` names a ShapesWorld artifact for ``key`` and it is built; ConfigError if it is not."""
-    from .grpo import MODEL_SOURCES, OT_MAP_SOURCES
+    from pisces_rl.registry import lookup, resolve_artifact
 
-    names = OT_MAP_SOURCES if key == "rewards.ot_map" else tuple(n for n in MODEL_SOURCES if n != "tiny")
-    if value not in names:
+    if lookup(_WORLD_ROLES[key], value) is None:
         return False
-    from pisces_rl.worlds.shapes.build import resolve_world_name
-
     try:
-        resolve_world_name(value, _WORLD_ROLES[key])
+        resolve_artifact(_WORLD_ROLES[key], value)
     except FileNotFoundError as exc:
         raise ConfigError(str(exc), key) from None
     return True

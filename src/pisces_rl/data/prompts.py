@@ -88,15 +88,12 @@ def vbench_prompts(dimension: Optional[str] = None) -> list[str]:
 
 
 # -------------------------------------------------------------------------------------------- files
-def _shapes_prompts(name: str) -> list[str]:
-    """``shapes:<split>:<n>`` -> the first ``n`` ShapesWorld prompts of ``split`` (seed 0, distinct)."""
-    parts = name.split(":")
-    if len(parts) != 3 or parts[1] not in ("all", "train", "heldout") or not parts[2].isdigit() or int(parts[2]) < 1:
-        raise ValueError(f"ShapesWorld prompt source {name!r} must read 'shapes:<split>:<n>' with split all, train "
-                         "or heldout and n >= 1, e.g. 'shapes:train:256'")
-    from ..worlds.shapes import shapes_prompts
+def _registered_prompts(name: str) -> Optional[list[str]]:
+    """``<prefix>:...`` of a prompt source a world registered (e.g. ``shapes:train:256``), else None."""
+    from .. import registry
 
-    return shapes_prompts(int(parts[2]), seed=0, split=parts[1])
+    source = registry.lookup("prompts", name.partition(":")[0]) if ":" in name else None
+    return None if source is None else _clean(source(name), name)
 
 
 def _read_txt(path: str) -> list[str]:
@@ -146,8 +143,9 @@ def load_prompts(source: Union[str, os.PathLike, Sequence[str]], column: str = "
     name = os.fspath(source).strip()
     if name == "vbench" or name.startswith("vbench:"):
         return vbench_prompts(name.partition(":")[2] or None)
-    if name.startswith("shapes:"):
-        return _shapes_prompts(name)
+    registered = _registered_prompts(name)
+    if registered is not None:
+        return registered
     if name.startswith("builtin:"):
         key = name.partition(":")[2]
         if key not in BUILTIN_PROMPTS:

@@ -23,15 +23,16 @@ from typing import Any, Callable, Sequence, Union
 import numpy as np
 import torch
 
+from .. import registry
+
 __all__ = ["VIDEO_SOURCES", "register_video_source", "is_video_source", "open_video_dataset", "check_video_dataset",
            "videos_to_model", "encode_video_dataset"]
 
 KEY = "train.video_dataset"
 
-VIDEO_SOURCES: dict[str, Union[str, Callable]] = {
-    "shapes": "pisces_rl.worlds.shapes.video_source:shapes_video_dataset",
-}
-"""Named video sources: a callable, or the import path of one (imported only when used)."""
+VIDEO_SOURCES: dict[str, Union[str, Callable]] = registry._registry["videos"]
+"""Named video sources (the :mod:`pisces_rl.registry` ``"videos"`` table): a callable, or the import path of one
+(imported only when used). Worlds register theirs (ShapesWorld: ``shapes``) through the plugin entry point."""
 
 
 def _error(message: str):
@@ -49,11 +50,12 @@ def register_video_source(name: str, source: Union[str, Callable]) -> None:
 
 def is_video_source(spec: str) -> bool:
     """Whether ``spec`` names a registered source or looks like an import path ``package.module:function``."""
+    registry.load_plugins()
     return spec in VIDEO_SOURCES or (":" in spec and not os.path.exists(os.path.expanduser(spec)))
 
 
 def _resolve(spec: str) -> Callable:
-    source = VIDEO_SOURCES.get(spec, spec)
+    source = registry.lookup("videos", spec) or spec
     if callable(source):
         return source
     module_name, _, attr = source.partition(":")
@@ -72,6 +74,7 @@ def _resolve(spec: str) -> Callable:
 def open_video_dataset(spec: str, *, num_videos: int, num_frames: int, height: int, width: int):
     """The dataset ``spec`` names: a source is called with the sizes; a path (``save_to_disk`` directory or a
     parquet/json/jsonl/arrow file, :func:`pisces_rl.ot.fit.load_video_dataset`) is opened as it is."""
+    registry.load_plugins()
     if spec in VIDEO_SOURCES or not os.path.exists(os.path.expanduser(spec)):
         if not is_video_source(spec):
             raise _error(f"{spec!r} is neither a registered video source ({', '.join(sorted(VIDEO_SOURCES))}), an "

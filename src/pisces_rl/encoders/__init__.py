@@ -18,9 +18,9 @@ def load_encoder(spec, num_frames=None, device=None, dtype=None):
     is. Frozen in every case."""
     if not isinstance(spec, str):
         return spec
-    if spec == "shapes":
-        from pisces_rl.worlds.shapes.build import resolve_world_name
-        spec = resolve_world_name(spec, "encoder")
+    from pisces_rl.registry import resolve_artifact
+
+    spec = resolve_artifact("encoder", spec) or spec            # a world's name, e.g. 'shapes'
     if spec == "tiny" or spec.startswith("tiny:"):
         seed = int(spec.partition(":")[2] or 0)
         encoder = BlipVideoTextEncoder.tiny(seed=seed, num_frames=num_frames)

@@ -385,9 +385,9 @@ def build_policy(model_cfg: Any, device: Optional[Union[str, torch.device]] = No
     if pretrained == "tiny":
         pipe = family.build_tiny_pipeline(seed=int(get("seed", 0)))
     else:
-        if pretrained == "shapes":  # the ShapesWorld base model built by `make world`
-            from pisces_rl.worlds.shapes.build import resolve_world_name
-            pretrained = resolve_world_name(pretrained, "model")
+        from pisces_rl.registry import resolve_artifact
+
+        pretrained = resolve_artifact("model", pretrained) or pretrained  # a world's name, e.g. 'shapes'
         pipe = family.load_pipeline(pretrained, torch_dtype=dtype)
     finetune = get("finetune", "lora")
     if finetune == "full":

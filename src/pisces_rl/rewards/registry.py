@@ -192,10 +192,10 @@ def _load_encoder(source: Any, device: Optional[torch.device]) -> Any:
 
 def _load_ot_map(path: str, device: Optional[torch.device]) -> Any:
     from pisces_rl.ot.neural_map import load_map
-    from pisces_rl.worlds.shapes.build import resolve_world_name
+    from pisces_rl.registry import resolve_artifact
 
     try:
-        ot_map = load_map(resolve_world_name(path, "ot_map") or path)
+        ot_map = load_map(resolve_artifact("ot_map", path) or path)
     except Exception as exc:
         raise RewardError(
             f"could not load the OT map from rewards.ot_map={path!r} ({type(exc).__name__}: {exc}); point it at a "

@@ -24,18 +24,25 @@ Judge = Callable[[torch.Tensor, Sequence[str]], Mapping[str, float]]
 
 
 def shapesbench_judge(videos: torch.Tensor, prompts: Sequence[str]) -> dict[str, float]:
-    """ShapesBench (``pisces_rl.worlds.shapes``): Total, Quality, Semantic and every dimension, in [0, 1]."""
-    from ..worlds.shapes import ShapesBench
-
-    return ShapesBench().evaluate(videos.float().cpu(), list(prompts)).metrics(prefix="")
+    """ShapesBench, the judge ShapesWorld registers as ``shapesbench``: Total, Quality, Semantic and every dimension,
+    in [0, 1]."""
+    judge = resolve_judge("shapesbench")
+    if judge is None:
+        raise ValueError("no judge 'shapesbench' is registered (ShapesWorld's plugin did not load; reinstall "
+                         "pisces_rl with `make install`)")
+    return judge(videos, prompts)
 
 
 def resolve_judge(spec: Optional[str]) -> Optional[Judge]:
-    """``None``/``"none"`` -> None; ``"shapesbench"`` -> :func:`shapesbench_judge`; ``"pkg.mod:fn"`` -> that callable."""
+    """``None``/``"none"`` -> None; a registered name (:mod:`pisces_rl.registry`, e.g. ``"shapesbench"``) -> that
+    judge; ``"pkg.mod:fn"`` -> that callable."""
+    from .. import registry
+
     if spec is None or spec == "none":
         return None
-    if spec == "shapesbench":
-        return shapesbench_judge
+    registered = registry.lookup("judge", spec)
+    if registered is not None:
+        return registered
     module, sep, name = spec.partition(":")
     if not sep or not module or not name:
         raise ValueError(f"judge {spec!r}: use 'none', 'shapesbench' or an import path 'package.module:function'")

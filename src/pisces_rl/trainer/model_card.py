@@ -58,8 +58,8 @@ def _load_snippet(base_model: str, pipeline_class: str, lora: str, prompt: str, 
         load = ("from pisces_rl.models import build_tiny_wan_pipeline\n\n"
                 "pipe = build_tiny_wan_pipeline(seed=0)  # the random tiny test model, built in code")
     elif base_model == "shapes":
-        load = ("from pisces_rl.worlds.shapes.build import resolve_world_name\n\n"
-                f"pipe = {pipeline_class}.from_pretrained(resolve_world_name('shapes', 'model'))  # `make world`")
+        load = ("from pisces_rl.registry import resolve_artifact\n\n"
+                f"pipe = {pipeline_class}.from_pretrained(resolve_artifact('model', 'shapes'))  # the ShapesWorld model")
     else:
         load = f'pipe = {pipeline_class}.from_pretrained("{base_model}", torch_dtype=torch.bfloat16).to("cuda")'
     call = ", ".join(f"{k}={sampling[k]!r}" for k in ("num_frames", "height", "width", "num_inference_steps",

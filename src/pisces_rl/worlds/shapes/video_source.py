@@ -1,7 +1,7 @@
 """ShapesWorld's corpus clips as the ``shapes`` video source of direct backprop (``train.video_dataset: shapes``).
 
-The core names this function by import path (``pisces_rl.data.videos.VIDEO_SOURCES``) and imports it only
-when a config asks for ``shapes``; it never imports the world otherwise.
+The world registers this function as the video source ``shapes`` (``plugin.py``, through the ``pisces_rl.plugins``
+entry point); the core never imports the world.
 """
 from __future__ import annotations
 
