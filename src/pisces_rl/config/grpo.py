@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from .base import ConfigBase, ConfigError, option, require, section
+from .nft import NFTConfig
 
 __all__ = ["check_video_shape", "train_timesteps_per_video", "ModelConfig", "SamplingConfig", "RewardsConfig", "TrainConfig", "DataConfig", "LoggingConfig",
            "CheckpointConfig", "GRPOConfig", "batch_arithmetic", "MODEL_SOURCES", "ENCODER_SOURCES", "OT_MAP_SOURCES"]
@@ -165,6 +166,8 @@ class RewardsConfig(ConfigBase):
 class TrainConfig(ConfigBase):
     """GRPO optimisation: iterations, batch sizes, optimiser and loss."""
 
+    algorithm: str = option("grpo", "online update: grpo = clipped policy gradient on SDE rollouts; nft = DiffusionNFT "
+                                    "negative-aware flow matching on ODE samples (options in nft:)", choices=("grpo", "nft"))
     max_steps: int = option(2, "GRPO iterations (sample -> score -> inner epochs of updates)")
     prompts_per_step: int = option(2, "distinct prompts per iteration, all processes together")
     group_size: int = option(4, "videos sampled per prompt (G); advantages are normalised within a group")
@@ -271,6 +274,7 @@ class GRPOConfig(ConfigBase):
     data: DataConfig = section(DataConfig, "prompts")
     logging: LoggingConfig = section(LoggingConfig, "metrics and sample videos")
     checkpoint: CheckpointConfig = section(CheckpointConfig, "checkpoints")
+    nft: NFTConfig = section(NFTConfig, "DiffusionNFT update (train.algorithm=nft)")
     output_dir: str = option("runs/grpo", "run directory: resolved config, logs, samples, checkpoints, LoRA")
 
     def _check(self) -> None:
