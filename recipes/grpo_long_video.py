@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """GRPO post-training with the PISCES rewards — long-video setting (HunyuanVideo-like: 5 s clips).
 
-Long videos differ from short ones in memory, not in the algorithm. The config turns on:
+Long videos differ from short ones in memory, not in the algorithm (``train.algorithm``: grpo | nft). The
+config turns on:
   * ``model.gradient_checkpointing`` in the denoiser,
   * ``sampling.decode_chunk_size``: videos decoded by the VAE a few at a time,
   * ``rewards.num_frames`` / ``rewards.temporal_windows``: the reward encoder sees a fixed number of frames,
@@ -23,7 +24,7 @@ import logging
 import sys
 
 from pisces_rl.config import GRPOConfig, parse_cli
-from pisces_rl.trainer import GRPOTrainer, setup_logging
+from pisces_rl.trainer import online_trainer, setup_logging
 
 log = logging.getLogger("pisces_rl.recipes.grpo_long_video")
 
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> dict:
     log.info("long video: %d frames; reward sees %s frames x %d window(s); checkpointing=%s; decode chunk=%d",
              config.sampling.num_frames, r.num_frames or "all", r.temporal_windows,
              config.model.gradient_checkpointing, config.sampling.decode_chunk_size)
-    trainer = GRPOTrainer(config)
+    trainer = online_trainer(config)  # GRPOTrainer or NFTTrainer, by train.algorithm
     return trainer.train()
 
 

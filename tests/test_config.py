@@ -267,8 +267,8 @@ def test_shipped_configs_load(path):
     with open(path) as f:
         assert f.readline().startswith("#"), "each shipped config starts with its launch command in a comment"
     name = os.path.basename(path)
-    assert name.startswith(("grpo_", "backprop_")), f"{name}: name shipped configs after their trainer"
-    if name.startswith("grpo_"):
+    assert name.startswith(("grpo_", "nft_", "backprop_")), f"{name}: name shipped configs after their trainer"
+    if name.startswith(("grpo_", "nft_")):
         assert batch_arithmetic(load_config(GRPOConfig, path), 1)["videos_per_iteration"] >= 2
     else:
         assert backprop_batch_arithmetic(load_config(BackpropConfig, path), 1)["videos_per_step"] >= 1

@@ -253,3 +253,36 @@ def test_two_processes_deepspeed_zero2(tmp_path):
     for it in result["trace"]:
         assert it["swap_restored"] and it["old_formula"] and it["moved"]
         assert it["eta"] == pytest.approx(it["expected_eta"])
+
+
+def test_shipped_nft_configs_match_their_grpo_twins():
+    """nft_*_cpu.yaml: algorithm nft, NFT's checks pass, and the ShapesWorld one keeps grpo_shapes_cpu.yaml's world,
+    rewards, prompts, evaluation and video budget (40 iterations x 32 videos), so a comparison varies the update only."""
+    configs = ROOT / "recipes" / "configs"
+    for name in ("nft_tiny_cpu.yaml", "nft_shapes_cpu.yaml"):
+        cfg = load_config(GRPOConfig, str(configs / name))
+        assert cfg.train.algorithm == "nft" and cfg.nft.eta == 0 and cfg.nft.guidance_scale == 1.0
+        assert nft_batch_arithmetic(cfg, 1)["train_timesteps_per_video"] >= 1
+    nft = load_config(GRPOConfig, str(configs / "nft_shapes_cpu.yaml")).to_dict()
+    grpo = load_config(GRPOConfig, str(configs / "grpo_shapes_cpu.yaml")).to_dict()
+    for section in ("model", "rewards", "data"):
+        assert nft[section] == grpo[section], section
+    for key in ("num_frames", "height", "width", "num_inference_steps", "guidance_scale"):
+        assert nft["sampling"][key] == grpo["sampling"][key], key
+    assert nft["logging"]["judge"] == grpo["logging"]["judge"] == "shapesbench"
+    for key in ("max_steps", "prompts_per_step", "group_size", "learning_rate", "seed"):
+        assert nft["train"][key] == grpo["train"][key], key
+
+
+def test_recipe_runs_nft_by_train_algorithm(tmp_path, fresh_accelerate_state):
+    spec = importlib.util.spec_from_file_location("recipe", ROOT / "recipes" / "grpo_short_video.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    metrics = recipe.main(["--config", str(ROOT / "recipes/configs/nft_tiny_cpu.yaml"), "train.max_steps=1",
+                           "train.prompts_per_step=1", "train.group_size=2", "train.sample_batch_size=2",
+                           "train.train_batch_size=2", "sampling.num_inference_steps=2", "sampling.height=16",
+                           "sampling.width=16", "logging.report_to=none", "data.num_eval_prompts=1",
+                           f"output_dir={tmp_path}"])
+    assert "train/old_eta" in metrics and "reward/ot_quality/mean" in metrics
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["batch"]["train_timesteps_per_video"] == 1 and list((tmp_path / "lora").glob("*.safetensors"))
