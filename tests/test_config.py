@@ -24,7 +24,7 @@ def write(tmp_path, text, name="cfg.yaml"):
 def test_defaults_follow_schema_and_validate():
     cfg = GRPOConfig().validate()
     assert [f.name for f in dataclasses.fields(cfg)] == ["model", "sampling", "rewards", "train", "data",
-                                                         "logging", "checkpoint", "output_dir"]
+                                                         "logging", "checkpoint", "nft", "output_dir"]
     assert cfg.rewards.weights == {"ot_quality": 1.0, "ot_semantic": 1.0}
     assert cfg.model.lora_target_modules == ["to_q", "to_k", "to_v", "to_out.0"]
     assert cfg.train.adam_betas == (0.9, 0.999) and cfg.sampling.num_frames == 5

@@ -166,9 +166,9 @@ class RewardsConfig(ConfigBase):
 class TrainConfig(ConfigBase):
     """GRPO optimisation: iterations, batch sizes, optimiser and loss."""
 
+    max_steps: int = option(2, "GRPO iterations (sample -> score -> inner epochs of updates)")
     algorithm: str = option("grpo", "online update: grpo = clipped policy gradient on SDE rollouts; nft = DiffusionNFT "
                                     "negative-aware flow matching on ODE samples (options in nft:)", choices=("grpo", "nft"))
-    max_steps: int = option(2, "GRPO iterations (sample -> score -> inner epochs of updates)")
     prompts_per_step: int = option(2, "distinct prompts per iteration, all processes together")
     group_size: int = option(4, "videos sampled per prompt (G); advantages are normalised within a group")
     sample_batch_size: int = option(4, "videos per rollout forward, per process")
