@@ -167,7 +167,7 @@ class NFTBatch:
     """One process's samples of one iteration (B videos, groups of G contiguous)."""
 
     latents: Tensor                            # [B, C, F, h, w] clean samples x0 (the sampler's last latent), fp32
-    videos: Tensor                             # [B, F, C, H, W] decoded x0 in [0, 1]
+    videos: Optional[Tensor]                   # [B, F, C, H, W] decoded x0 in [0, 1] (dropped once scored)
     prompts: list[str]                         # B
     group_ids: Tensor                          # [B] long
     prompt_embeds: Tensor                      # [B, L, D]
@@ -209,12 +209,14 @@ class NFTTrainer(TrainerBase):
         acc.register_for_checkpointing(self.old)
         self.rollout_sampling = dataclasses.replace(cfg.sampling, eta=cfg.nft.eta,
                                                     guidance_scale=cfg.nft.guidance_scale)
+        self.timesteps, self.sigmas = self.policy.flow_schedule(cfg.sampling.num_inference_steps)  # [T], [T+1]
 
     # ------------------------------------------------------------------ one iteration
     def train_step(self, iteration: int) -> dict[str, float]:
         """Sample with the old policy, score, optimality weights, regression updates, old-policy update."""
         batch = self.sample(iteration)                                        # x0 [B, C, F, h, w]
         scores = self.rewards(batch.videos, batch.prompts)                    # [B, R], [B]
+        batch.videos = None                                                   # the update needs latents only
         r = self.optimality(scores.total, batch.group_ids)                    # [B]
         metrics = self.update(batch, r)
         metrics["train/update_ratio"] = self.old.distance()                   # ||theta - old|| / ||old||
@@ -290,7 +292,7 @@ class NFTTrainer(TrainerBase):
         the trained forwards and their backward passes always see the live weights.
         """
         nft, t = self.config.nft, self.config.train
-        timesteps, sigmas = self.policy.flow_schedule(self.config.sampling.num_inference_steps)    # [T], [T+1]
+        timesteps, sigmas = self.timesteps, self.sigmas                                          # [T], [T+1]
         x0 = batch.latents[mb]
         levels = self.training_levels(k, len(mb), gen).to(x0.device)                             # [b, K_t]
         noise = torch.randn((len(mb), k, *x0.shape[1:]), generator=gen).to(x0.device)         # [b, K_t, C, F, h, w]
