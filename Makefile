@@ -20,9 +20,10 @@ endif
 # in the package, else one built here first (`make world`)
 PREBUILT_WORLD := src/pisces_rl/worlds/shapes/prebuilt/manifest.json
 needs_world = $(if $(wildcard $(PREBUILT_WORLD)),,$(if $(shell grep -sqE '^[[:space:]]*pretrained:[[:space:]]*shapes' $(1) && echo yes),world))
+NFT_CONFIG := $(if $(filter command line environment,$(origin CONFIG)),$(CONFIG),recipes/configs/nft_shapes_cpu.yaml)
 BACKPROP_CONFIG := $(if $(filter command line environment,$(origin CONFIG)),$(CONFIG),recipes/configs/backprop_tiny_cpu.yaml)
 
-.PHONY: help install test test-slow test-gpu train-grpo train-backprop world bench clean
+.PHONY: help install test test-slow test-gpu train-grpo train-nft train-backprop world bench clean
 
 help:  ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-15s %s\n", $$1, $$2}'
@@ -53,6 +54,9 @@ endif
 
 train-grpo: install $(call needs_world,$(CONFIG))  ## GRPO post-training (default: ShapesWorld on CPU, the prebuilt world); CONFIG=, ACCEL=, ARGS=
 	$(VENV)/bin/accelerate launch --config_file $(ACCEL) $(RECIPE) --config $(CONFIG) $(ARGS)
+
+train-nft: install $(call needs_world,$(NFT_CONFIG))  ## DiffusionNFT post-training (default: ShapesWorld on CPU, builds the world once); CONFIG=, ACCEL=, ARGS=
+	$(VENV)/bin/accelerate launch --config_file $(ACCEL) recipes/grpo_short_video.py --config $(NFT_CONFIG) $(ARGS)
 
 train-backprop: install $(call needs_world,$(BACKPROP_CONFIG))  ## direct reward backprop + consistency distillation (default: tiny CPU run); CONFIG=, ACCEL=, ARGS=
 	$(VENV)/bin/accelerate launch --quiet --config_file $(ACCEL) recipes/backprop_short_video.py --config $(BACKPROP_CONFIG) $(ARGS)

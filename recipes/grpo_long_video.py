@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """GRPO post-training with the PISCES rewards — long-video setting (HunyuanVideo-like: 5 s clips).
 
-Long videos differ from short ones in memory, not in the algorithm. The config turns on:
+Long videos differ from short ones in memory, not in the algorithm (``train.algorithm``: grpo | nft). The
+config turns on:
   * ``model.gradient_checkpointing`` in the denoiser,
   * ``sampling.decode_chunk_size``: videos decoded by the VAE a few at a time,
   * ``rewards.num_frames`` / ``rewards.temporal_windows``: the reward encoder sees a fixed number of frames,
@@ -33,14 +34,14 @@ def main(argv: list[str] | None = None) -> dict:
     with exit_on_config_error(debug):  # a bad config or input: one line `error: <key>: <fix>`, exit 2
         config = parse_cli(GRPOConfig, argv)
         check_inputs(config)            # prompt files, model / encoder / OT map / LoRA paths, world
-        from pisces_rl.trainer import GRPOTrainer, setup_logging  # (heavy: after the checks)
+        from pisces_rl.trainer import online_trainer, setup_logging  # (heavy: after the checks)
 
         setup_logging()
         r = config.rewards
         log.info("long video: %d frames; reward sees %s frames x %d window(s); checkpointing=%s; decode chunk=%d",
                  config.sampling.num_frames, r.num_frames or "all", r.temporal_windows,
                  config.model.gradient_checkpointing, config.sampling.decode_chunk_size)
-        trainer = GRPOTrainer(config)
+        trainer = online_trainer(config)  # GRPOTrainer or NFTTrainer, by train.algorithm
         return trainer.train()
 
 

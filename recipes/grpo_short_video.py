@@ -1,10 +1,15 @@
 #!/usr/bin/env python
-"""GRPO post-training with the PISCES rewards — short-video setting (VideoCrafter2-like: 2 s clips).
+"""Online RL post-training with the PISCES rewards — short-video setting (VideoCrafter2-like: 2 s clips).
+
+``train.algorithm`` picks the update: ``grpo`` (clipped policy gradient on SDE rollouts, the default) or ``nft``
+(DiffusionNFT: negative-aware flow matching on ODE samples, options under ``nft:``).
 
 Launch (one process; see recipes/accelerate/ for DDP and DeepSpeed ZeRO-2/3)::
 
     accelerate launch --config_file recipes/accelerate/single.yaml recipes/grpo_short_video.py \\
         --config recipes/configs/grpo_tiny_cpu.yaml train.max_steps=2 output_dir=runs/try
+    accelerate launch --config_file recipes/accelerate/single.yaml recipes/grpo_short_video.py \\
+        --config recipes/configs/nft_tiny_cpu.yaml train.max_steps=2 output_dir=runs/try_nft
 
 Everything the run does is in the config; ``--help`` lists every field with its meaning. Bad input
 (an unknown key, a missing prompt file, model or OT map) stops the run before anything is built, with one line
@@ -23,10 +28,10 @@ def main(argv: list[str] | None = None) -> dict:
     with exit_on_config_error(debug):  # a bad config or input: one line `error: <key>: <fix>`, exit 2
         config = parse_cli(GRPOConfig, argv)
         check_inputs(config)            # prompt files, model / encoder / OT map / LoRA paths, world
-        from pisces_rl.trainer import GRPOTrainer, setup_logging  # (heavy: after the checks)
+        from pisces_rl.trainer import online_trainer, setup_logging  # (heavy: after the checks)
 
         setup_logging()
-        trainer = GRPOTrainer(config)
+        trainer = online_trainer(config)  # GRPOTrainer or NFTTrainer, by train.algorithm
         return trainer.train()
 
 

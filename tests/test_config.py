@@ -24,7 +24,7 @@ def write(tmp_path, text, name="cfg.yaml"):
 def test_defaults_follow_schema_and_validate():
     cfg = GRPOConfig().validate()
     assert [f.name for f in dataclasses.fields(cfg)] == ["model", "sampling", "rewards", "train", "data",
-                                                         "logging", "checkpoint", "output_dir",
+                                                         "logging", "checkpoint", "nft", "output_dir",
                                                          "overwrite_output_dir"]
     assert cfg.rewards.weights == {"ot_quality": 1.0, "ot_semantic": 1.0}
     assert cfg.model.lora_target_modules == ["to_q", "to_k", "to_v", "to_out.0"]
@@ -268,8 +268,8 @@ def test_shipped_configs_load(path):
     with open(path) as f:
         assert f.readline().startswith("#"), "each shipped config starts with its launch command in a comment"
     name = os.path.basename(path)
-    assert name.startswith(("grpo_", "backprop_")), f"{name}: name shipped configs after their trainer"
-    if name.startswith("grpo_"):
+    assert name.startswith(("grpo_", "nft_", "backprop_")), f"{name}: name shipped configs after their trainer"
+    if name.startswith(("grpo_", "nft_")):
         assert batch_arithmetic(load_config(GRPOConfig, path), 1)["videos_per_iteration"] >= 2
     else:
         assert backprop_batch_arithmetic(load_config(BackpropConfig, path), 1)["videos_per_step"] >= 1

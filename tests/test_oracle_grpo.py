@@ -1,4 +1,5 @@
-"""benchmarks/shapes_oracle_grpo.py: the judge as a reward, the seed summary, and one run on the tiny model."""
+"""benchmarks/shapes_oracle_grpo.py: the judge as a reward, the seed summary, a GRPO run and a null NFT run on the
+tiny model."""
 from __future__ import annotations
 
 import pytest
@@ -32,12 +33,34 @@ def test_summary_over_seeds(oracle):
     assert s["after"]["std"] == pytest.approx(torch.tensor([0.6, 0.4, 0.8]).std(unbiased=True).item())
 
 
-def test_one_run_on_the_tiny_model(oracle, fresh_accelerate_state):
-    out = oracle.run("recipes/configs/grpo_tiny_cpu.yaml", [
-        "train.max_steps=1", "sampling.num_inference_steps=2", "sampling.num_frames=5", "data.num_eval_prompts=2",
-        "data.prompts=shapes:train:8", "data.eval_source=shapes:heldout:2"], seed=3)
-    assert {"total", "quality", "semantic"} <= set(out)
-    for values in out.values():
+TINY_RUN = ["train.max_steps=2", "sampling.num_inference_steps=2", "sampling.num_frames=5",
+            "data.prompts=shapes:train:8", "train.prompts_per_step=1"]
+
+
+def _check_run(out, steps):
+    assert {"total", "quality", "semantic"} <= set(out["eval"])
+    for values in out["eval"].values():
         if values["before"] == values["before"]:        # NaN for a dimension that no prompt constrains
             assert values["delta"] == pytest.approx(values["after"] - values["before"])
-    assert 0.0 <= out["total"]["before"] <= 1.0
+    assert 0.0 <= out["eval"]["total"]["before"] <= 1.0
+    assert len(out["train_reward"]) == len(out["train_judge"]) == steps
+    assert all(0.0 <= v <= 1.0 for v in out["train_judge"])
+
+
+def test_one_grpo_run_on_the_tiny_model(oracle, fresh_accelerate_state):
+    out = oracle.run("recipes/configs/grpo_tiny_cpu.yaml", TINY_RUN, seed=3, eval_prompts=2, eval_draws=2)
+    _check_run(out, steps=2)
+    assert out["train_reward"] == pytest.approx(out["train_judge"])      # the judge is the training reward
+
+
+def test_null_nft_run_trains_on_noise_and_logs_the_judge(oracle, fresh_accelerate_state):
+    out = oracle.run("recipes/configs/nft_tiny_cpu.yaml", TINY_RUN, seed=3, null=True, eval_prompts=2, eval_draws=1)
+    _check_run(out, steps=2)
+    assert out["train_reward"] != pytest.approx(out["train_judge"])      # trained on noise, judge logged only
+    rewards = oracle.oracle_rewards(0, null=True)
+    assert rewards["judge_total"][1] == 0.0 and rewards["noise"][1] == 1.0
+    a, b = oracle.NoiseReward(5), oracle.NoiseReward(5)
+    videos = torch.zeros(4, 2, 3, 8, 8)
+    first = a(videos, ["p"] * 4)
+    assert torch.equal(first, b(videos, ["p"] * 4))                     # seeded: the control is reproducible
+    assert not torch.equal(first, a(videos, ["p"] * 4))                 # fresh noise at every call

@@ -10,6 +10,7 @@ from .base import ConfigBase, ConfigError, config_keys, option, require, section
 from .grpo import (CheckpointConfig, DataConfig, GRPOConfig, LoggingConfig, ModelConfig, RewardsConfig,
                    SamplingConfig, TrainConfig, batch_arithmetic)
 from .backprop import BackpropConfig, BackpropTrainConfig, backprop_batch_arithmetic
+from .nft import NFTConfig, nft_batch_arithmetic
 from .loader import apply_overrides, describe, load_config, load_yaml, parse_cli, save_yaml, to_dict
 
 __all__ = [
@@ -18,4 +19,5 @@ __all__ = [
     "GRPOConfig", "ModelConfig", "SamplingConfig", "RewardsConfig", "TrainConfig", "DataConfig",
     "LoggingConfig", "CheckpointConfig", "batch_arithmetic",
     "BackpropConfig", "BackpropTrainConfig", "backprop_batch_arithmetic",
+    "NFTConfig", "nft_batch_arithmetic",
 ]

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from .base import ConfigBase, ConfigError, option, require, section
+from .nft import NFTConfig
 
 __all__ = ["check_video_shape", "train_timesteps_per_video", "ModelConfig", "SamplingConfig", "RewardsConfig", "TrainConfig", "DataConfig", "LoggingConfig",
            "CheckpointConfig", "GRPOConfig", "batch_arithmetic", "MODEL_SOURCES", "ENCODER_SOURCES", "OT_MAP_SOURCES"]
@@ -197,6 +198,8 @@ class TrainConfig(ConfigBase):
                 "kl_beta": "beta"}
 
     max_steps: int = option(2, "GRPO iterations (sample -> score -> num_iterations passes of updates)")
+    algorithm: str = option("grpo", "online update: grpo = clipped policy gradient on SDE rollouts; nft = DiffusionNFT "
+                                    "negative-aware flow matching on ODE samples (options in nft:)", choices=("grpo", "nft"))
     prompts_per_step: int = option(2, "distinct prompts per iteration, all processes together")
     num_generations: int = option(4, "videos sampled per prompt (G, trl's num_generations; was group_size); "
                                      "advantages use the group's mean as baseline")
@@ -344,6 +347,7 @@ class GRPOConfig(ConfigBase):
     data: DataConfig = section(DataConfig, "prompts")
     logging: LoggingConfig = section(LoggingConfig, "metrics and sample videos")
     checkpoint: CheckpointConfig = section(CheckpointConfig, "checkpoints")
+    nft: NFTConfig = section(NFTConfig, "DiffusionNFT update (train.algorithm=nft)")
     output_dir: str = option("runs/grpo", "run directory: resolved config, logs, samples, checkpoints, LoRA")
     overwrite_output_dir: bool = option(False, "start over in an output_dir that holds a previous run, removing "
                                                "that run's files (otherwise such a run stops with an error, unless "

@@ -1,7 +1,8 @@
 """Trainer building blocks: advantages, losses, checkpoints, accelerate set-up, tracking.
 
-The GRPO loop (``GRPOTrainer``, ``pisces_rl.trainer.grpo``) and direct reward backprop (``BackpropTrainer``,
-``pisces_rl.trainer.backprop``) are built from these pieces.
+The GRPO loop (``GRPOTrainer``, ``pisces_rl.trainer.grpo``), DiffusionNFT (``NFTTrainer``,
+``pisces_rl.trainer.nft``) and direct reward backprop (``BackpropTrainer``, ``pisces_rl.trainer.backprop``) are
+built from these pieces; ``online_trainer(config)`` picks GRPO or NFT by ``config.train.algorithm``.
 """
 from .accel import (build_accelerator, gather_full_state_dict, gather_lora_state_dict, gradient_sync, is_deepspeed,
                     zero_stage)
@@ -13,6 +14,14 @@ from .tracking import (flatten_config, format_summary, init_trackers, plot_curve
 
 from .grpo import GRPOTrainer
 from .backprop import BackpropTrainer
+from .nft import NFTTrainer
+
+ONLINE_TRAINERS = {"grpo": GRPOTrainer, "nft": NFTTrainer}  # train.algorithm -> trainer class
+
+
+def online_trainer(config, **kwargs):
+    """The trainer that ``config.train.algorithm`` names (``grpo`` | ``nft``), built with ``kwargs``."""
+    return ONLINE_TRAINERS[config.train.algorithm](config, **kwargs)
 
 __all__ = [
     "group_advantages", "group_index",
@@ -20,6 +29,6 @@ __all__ = [
     "save_checkpoint", "find_checkpoint", "load_checkpoint", "list_checkpoints", "config_hash",
     "build_accelerator", "is_deepspeed", "zero_stage", "gather_lora_state_dict", "gather_full_state_dict",
     "gradient_sync",
-    "GRPOTrainer", "BackpropTrainer",
+    "GRPOTrainer", "BackpropTrainer", "NFTTrainer", "ONLINE_TRAINERS", "online_trainer",
     "init_trackers", "setup_logging", "save_video", "save_video_grid", "plot_curve", "format_summary", "flatten_config",
 ]
