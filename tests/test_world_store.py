@@ -128,3 +128,26 @@ def test_sharding_keeps_the_tensors_and_loads_with_from_pretrained(tmp_path):
     assert set(index["weight_map"]) == set(before) and all(torch.equal(before[k], after[k]) for k in before)
     loaded = AutoencoderKLWan.from_pretrained(tmp_path / "vae")
     assert all(torch.equal(p, before[k]) for k, p in loaded.state_dict().items())
+
+
+def test_the_second_process_progress_becomes_a_bar_of_this_process(tmp_path):
+    """The base model trains in a second process whose tqdm bars go to a file; the watcher shows them as one bar."""
+    from tqdm import tqdm
+
+    from pisces_rl.worlds.shapes.build import ProgressWatcher
+
+    path = tmp_path / "progress"
+    with open(path, "w") as f:
+        for desc, total, upto in (("shapes VAE", 40, 40), ("shapes T2V", 300, 120)):
+            bar = tqdm(total=total, desc=desc, file=f, mininterval=0, miniters=1)
+            for _ in range(upto):
+                bar.update(1)
+            bar.close()
+    watcher = ProgressWatcher(str(path), interval=3600)        # polled by hand below
+    try:
+        watcher.poll()
+        assert watcher.bar is not None and watcher.bar.desc == "base model: T2V"
+        assert (watcher.bar.n, watcher.bar.total) == (120, 300)
+    finally:
+        watcher.stop()
+    assert not path.exists()
