@@ -63,6 +63,9 @@ def tiny_overrides(config_cls, recipe_path: str, output_dir: str, steps: int) ->
         over["train.gradient_accumulation_steps"] = 1               # one optimiser step per iteration
     if hasattr(t, "teacher_steps"):
         over["train.teacher_steps"] = min(t.teacher_steps, 8)
+    if getattr(t, "latent_source", None) == "dataset":              # the GPU recipes' video folders are not here:
+        over["train.video_dataset"] = "shapes"                      # clean latents from a few rendered clips
+        over["train.dataset_size"] = 8
     return over
 
 

@@ -72,8 +72,10 @@ def test_generated_clips_become_negatives_of_their_captions():
     ds = shapes_corpus(24, seed=0, num_frames=5, size=16, split="train")
     real = np.asarray(ds.with_format("numpy", dtype="uint8")[:]["video"])
     fake = 255 - real
+    # without motion moments, as when this was written: with them the plain 40-step encoder already puts these
+    # colour-inverted clips 0.70 (cosine) below their captions, which leaves no room to see what generated= adds
     cfg = ShapesEncoderConfig(hidden_size=16, embed_dim=16, image_size=16, patch_size=8, num_layers=1, steps=40,
-                              batch_size=8, warmup_steps=1, lr=3e-3, augment=0.0)
+                              batch_size=8, warmup_steps=1, lr=3e-3, augment=0.0, motion_moments=False)
     encoder, _ = train_shapes_encoder(ds, cfg, progress=False, generated=fake)
     captions = list(ds["caption"])
     with torch.no_grad():

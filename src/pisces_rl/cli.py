@@ -326,6 +326,9 @@ def _run_generate(args) -> int:
     _, f, _, h, w = videos.shape
     print(f"wrote {', '.join(written)} ({len(videos)} video{'s' if len(videos) > 1 else ''}, {f} frames "
           f"{h}x{w}, seed {seed}; base {model.pretrained}, LoRA {args.lora or 'none'})")
+    return 0
+
+
 def _run_world_verify(args) -> int:
     from pisces_rl.worlds.shapes.store import active_world_dir, read_manifest, verify_world
 
