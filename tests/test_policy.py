@@ -1,7 +1,6 @@
 """VideoPolicy: tiny in-code Wan pipeline, peft LoRA wrapping, full fine-tuning, diffusers-format save/load, errors."""
 import logging
 import time
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -9,17 +8,11 @@ from diffusers import WanPipeline
 
 from pisces_rl.models import VideoPolicy, WanFamily, build_policy, build_tiny_tokenizer, build_tiny_wan_pipeline, get_family
 
+from _models import model_cfg
+
 PROMPTS = ["two red squares moving left", "a blue circle"]
 CALL = dict(num_frames=5, height=32, width=32, num_inference_steps=3, guidance_scale=4.0,
             max_sequence_length=16, output_type="pt")
-
-
-def model_cfg(**overrides):
-    cfg = dict(pretrained="tiny", family="wan", dtype="fp32", lora_rank=4, lora_alpha=8,
-               lora_target_modules=["to_q", "to_k", "to_v", "to_out.0"], lora_path=None,
-               gradient_checkpointing=False, seed=0)
-    cfg.update(overrides)
-    return SimpleNamespace(**cfg)
 
 
 def perturb_lora(policy, seed=1, scale=0.2):

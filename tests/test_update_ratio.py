@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,13 +9,7 @@ import torch
 from pisces_rl.models import UpdateRatio, build_policy
 from pisces_rl.models.lora import ADAPTER_NAME, lora_layers, merged_delta_sq_norm
 
-
-def model_cfg(**overrides):
-    cfg = dict(pretrained="tiny", family="wan", dtype="fp32", lora_rank=4, lora_alpha=8,
-               lora_target_modules=["to_q", "to_k", "to_v", "to_out.0"], lora_path=None,
-               gradient_checkpointing=False, seed=0)
-    cfg.update(overrides)
-    return SimpleNamespace(**cfg)
+from _models import model_cfg
 
 
 @pytest.mark.parametrize("shape_a, shape_b", [((3, 7), (5, 3)), ((4, 2, 1, 3, 3), (6, 4, 1, 1, 1))])
