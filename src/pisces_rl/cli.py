@@ -77,7 +77,7 @@ def _add_fit_ot_map(subparsers) -> None:
     fit.add_argument("--batch-size", type=_positive_int, default=128, metavar="N",
                      help="pairs per update (default: %(default)s, PISCES)")
     fit.add_argument("--lr", type=float, default=1e-4, metavar="LR",
-                     help="Adam learning rate, cosine-decayed to 0 (default: %(default)s, PISCES)")
+                     help="Adam learning rate, cosine-decayed to 0.05 x lr (default: %(default)s, PISCES)")
     fit.add_argument("--k-t", type=_positive_int, default=10, metavar="N",
                      help="map updates per critic update, neural map only (default: %(default)s, PISCES)")
     fit.add_argument("--val-fraction", type=float, default=0.1, metavar="F",
