@@ -267,7 +267,8 @@ def test_grpo_runs_on_the_world_with_the_judge(world, monkeypatch, tmp_path, fre
     cfg = load_config(GRPOConfig, root / "recipes" / "configs" / "grpo_shapes_cpu.yaml", [
         f"output_dir={tmp_path}", "train.max_steps=2", "train.prompts_per_step=2", "train.num_generations=2",
         "train.sample_batch_size=4", "train.gradient_accumulation_steps=1",
-        "sampling.num_inference_steps=4", "data.eval_source=shapes:heldout:2", "data.num_eval_prompts=2",
+        "sampling.num_inference_steps=4", "sampling.sde_window=[0,2]", "data.eval_source=shapes:heldout:2",
+        "data.num_eval_prompts=2",
         "logging.report_to=none", "logging.sample_every=0", "checkpoint.save_every=0"])
     trainer = GRPOTrainer(cfg)
     lora0 = {n: p.detach().clone() for n, p in trainer.policy.transformer.named_parameters() if p.requires_grad}
