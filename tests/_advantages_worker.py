@@ -39,6 +39,8 @@ def main(out_dir: str) -> None:
                         "local_std_diff": float((local_only - whole).abs().max())}
     with open(os.path.join(out_dir, f"result_{rank}.json"), "w") as f:
         json.dump(result, f)
+    acc.wait_for_everyone()                 # leave together and close the process group, so no rank exits while the
+    torch.distributed.destroy_process_group()  # other still talks to it (gloo aborts: "terminate called ...")
 
 
 if __name__ == "__main__":

@@ -100,6 +100,8 @@ def main():
         with open(os.path.join(out, "result.json"), "w") as f:
             json.dump(checks, f, indent=1, default=str)
     acc.wait_for_everyone()
+    if torch.distributed.is_initialized():   # close the group together (a rank exiting early makes gloo abort)
+        torch.distributed.destroy_process_group()
     if not ok:
         print("FAILED", json.dumps(checks, default=str), flush=True)
         sys.exit(1)
