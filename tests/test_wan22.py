@@ -24,6 +24,7 @@ from test_policy import perturb_lora
 PROMPTS = ["two red squares moving left", "a blue circle"]
 STEPS = 4           # tiny schedule (shift 3): timesteps 1000, 857.7, 602.2, 8.9 -> boundary 875 after step 0
 CALL = dict(num_frames=5, height=32, width=32, num_inference_steps=STEPS, guidance_scale=4.0, max_sequence_length=16)
+TI2V = dict(height=32, width=32)    # the 16x-spatial VAE and 2x2 patches: multiples of 32
 
 
 def sampling(**overrides):
@@ -39,8 +40,8 @@ def run_plain(pipe, latents, **kw):
     return pipe(PROMPTS, latents=latents.clone(), output_type="pt", **{**CALL, **kw}).frames
 
 
-def noise(pol, seed=0):
-    return torch.randn(pol.latent_shape(2, 5, 32, 32), generator=torch.Generator().manual_seed(seed))
+def noise(pol, seed=0, height=32, width=32):
+    return torch.randn(pol.latent_shape(2, 5, height, width), generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +101,7 @@ def grpo_config(tmp_path, pretrained, *overrides):
     base = [f"output_dir={tmp_path}", f"model.pretrained={pretrained}", "model.lora_rank=2", "train.max_steps=1",
             "train.prompts_per_step=1", "train.num_generations=2", "train.sample_batch_size=2",
             "train.train_batch_size=2", "train.learning_rate=5e-3", "train.epsilon=0.2",
-            "sampling.num_inference_steps=3", "sampling.num_frames=5", "sampling.height=32", "sampling.width=32",
+            "sampling.num_inference_steps=3", "sampling.num_frames=5", "sampling.height=16", "sampling.width=16",
             "logging.report_to=none", "data.num_eval_prompts=1"]
     return load_config(GRPOConfig, None, [*base, *overrides])
 
@@ -153,7 +154,7 @@ def test_a14b_backprop_step_changes_only_lora(tmp_path, saved):
     base = [f"output_dir={tmp_path}", f"model.pretrained={saved / 'a14b'}", "model.lora_rank=2", "train.max_steps=1",
             "train.prompts_per_step=1", "train.num_generations=2", "train.sample_batch_size=2",
             "train.train_batch_size=2", "train.teacher_steps=3", "train.learning_rate=5e-3", "train.dataset_size=2",
-            "sampling.num_inference_steps=3", "sampling.height=32", "sampling.width=32", "logging.report_to=none",
+            "sampling.num_inference_steps=3", "sampling.height=16", "sampling.width=16", "logging.report_to=none",
             "data.num_eval_prompts=1", "train.latent_source=generated"]
     trainer = BackpropTrainer(load_config(BackpropConfig, None, base), rewards={"brightness": brightness})
     with torch.no_grad():
@@ -185,26 +186,27 @@ def test_ti2v_rollout_ratio_and_lora_into_plain_pipeline(tmp_path):
     assert pol.latent_shape(2, 5, 32, 32) == (2, 48, 2, 2, 2)
     with pytest.raises(ValueError, match="multiples of 32"):
         pol.latent_shape(1, 5, 16, 16)
-    x = noise(pol)
+    x = noise(pol, **TI2V)
     plain = build_tiny_wan22_pipeline("ti2v")
-    base = run_plain(plain, x)
-    torch.testing.assert_close(sample_rollout(pol, PROMPTS, sampling(), latents=x).videos, base, atol=1e-4, rtol=0)
+    base = run_plain(plain, x, **TI2V)
+    torch.testing.assert_close(sample_rollout(pol, PROMPTS, sampling(**TI2V), latents=x).videos, base, atol=1e-4, rtol=0)
     perturb_lora(pol)
-    r = sample_rollout(pol, PROMPTS, sampling(eta=0.5), generator=torch.Generator().manual_seed(1))
+    r = sample_rollout(pol, PROMPTS, sampling(eta=0.5, **TI2V), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         for step in range(STEPS - 1):
             new = rescore_log_prob(pol, r, step)
             torch.testing.assert_close(torch.exp(new.log_prob - r.log_probs[:, step]), torch.ones(2), atol=1e-5, rtol=0)
-    tuned = sample_rollout(pol, PROMPTS, sampling(), latents=x).videos
+    tuned = sample_rollout(pol, PROMPTS, sampling(**TI2V), latents=x).videos
     pol.save_lora(str(tmp_path))
     plain.load_lora_weights(str(tmp_path))
-    loaded = run_plain(plain, x)
+    loaded = run_plain(plain, x, **TI2V)
     assert (loaded - base).abs().max() > 1e-3
     torch.testing.assert_close(loaded, tuned, atol=1e-4, rtol=0)
 
 
 def test_ti2v_grpo_step_changes_only_lora(tmp_path, saved):
-    trainer = GRPOTrainer(grpo_config(tmp_path, saved / "ti2v"), rewards={"brightness": brightness})
+    trainer = GRPOTrainer(grpo_config(tmp_path, saved / "ti2v", "sampling.height=32", "sampling.width=32"),
+                          rewards={"brightness": brightness})
     lora0, base0 = params(trainer, True), params(trainer, False)
     trainer.train()
     lora1, base1 = params(trainer, True), params(trainer, False)

@@ -328,7 +328,9 @@ class VideoPolicy:
     def predict_velocity(self, latents: torch.Tensor, timestep: Union[float, torch.Tensor],
                          prompt_embeds: torch.Tensor, negative_prompt_embeds: Optional[torch.Tensor] = None,
                          guidance_scale: float = 1.0) -> torch.Tensor:
-        """Guided velocity ``v = v_u + g * (v_c - v_u)`` (plain ``v_c`` without CFG), float32.
+        """Guided velocity ``v = v_u + g * (v_c - v_u)`` (plain ``v_c`` without CFG), float32. ``g`` is
+        ``guidance_scale``, or per video where the family has ``guidance_scales`` (Wan 2.2 A14B's
+        ``guidance_scale_2`` below its expert boundary).
 
         Args:
             latents: ``[B, C, F, h, w]`` (any dtype; cast to the policy dtype for the denoiser).

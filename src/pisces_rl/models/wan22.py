@@ -105,7 +105,8 @@ class WanExperts(torch.nn.Module):
         that only the frozen expert denoises still back-propagates (``experts: [transformer_2]``) and DDP sees
         every parameter used. (Those steps add nothing to the update; ``sampling.sde_window`` keeps the trained
         steps on the trained expert's side of the boundary.)"""
-        idle = [p for name in self.trained if name != used for p in getattr(self, name).parameters() if p.requires_grad]
+        idle = [p for name in self.trained if name != used for p in getattr(self, name).parameters()
+                if p.requires_grad and not hasattr(p, "ds_id")]        # ZeRO-3 partitions: no unused-parameter check
         if not torch.is_grad_enabled() or not idle:
             return out
         touch = torch.stack([p.reshape(-1)[:1].sum().float() for p in idle]).sum()
