@@ -7,6 +7,7 @@ Tolerances: videos 1e-4 (the plain pipeline runs CFG as two calls, we run one ba
 """
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 
 import pytest
@@ -135,6 +136,20 @@ def test_a14b_grpo_step_trains_both_experts_lora_only(tmp_path, saved):
     ours = trainer.policy.lora_state_dict()
     assert all(torch.equal(v, ours[k]) for k, v in resumed.lora_state_dict().items()) and len(ours) == 64
 
+    # `pisces-rl generate --lora` fuses both experts' files into the plain pipeline: same videos as the policy
+    from pisces_rl.cli import generate_videos
+
+    perturb_lora(trainer.policy)
+    trainer.policy.save_lora(str(tmp_path / "perturbed"))
+    cfg, prompts = trainer.config, ["a blue circle"]
+    fused = generate_videos(prompts, cfg.model, cfg.sampling, lora=str(tmp_path / "perturbed"), seed=3)
+    plain = generate_videos(prompts, cfg.model, cfg.sampling, seed=3)
+    with torch.no_grad():
+        ours = sample_rollout(trainer.policy, prompts, dataclasses.replace(cfg.sampling, eta=0.0),
+                              generator=torch.Generator().manual_seed(3)).videos
+    torch.testing.assert_close(fused, ours, atol=1e-4, rtol=0)
+    assert (fused - plain).abs().max() > 1e-3
+
 
 def test_a14b_lora_on_one_chosen_expert(tmp_path, saved):
     cfg = grpo_config(tmp_path, saved / "a14b", "model.family_options={experts: [transformer_2]}")
@@ -164,6 +179,22 @@ def test_a14b_backprop_step_changes_only_lora(tmp_path, saved):
     trainer.train()
     lora1, base1 = params(trainer, True), params(trainer, False)
     assert moved(lora0, lora1, "") and not moved(base0, base1, "")
+
+
+def test_a14b_full_finetune_of_one_expert_saves_it_in_diffusers_format(tmp_path):
+    from diffusers import WanTransformer3DModel
+
+    pol = VideoPolicy(build_tiny_wan22_pipeline("a14b"), get_family("wan", {"experts": ["transformer_2"]}),
+                      finetune="full")
+    trainable = {n for n, p in pol.transformer.named_parameters() if p.requires_grad}
+    assert trainable == {f"transformer_2.{n}" for n, _ in pol.transformer.transformer_2.named_parameters()}
+    with torch.no_grad():
+        pol.transformer.transformer_2.proj_out.weight.add_(1.0)
+    pol.save_weights(str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["transformer_2"]
+    loaded = WanTransformer3DModel.from_pretrained(str(tmp_path / "transformer_2"))
+    assert torch.equal(loaded.proj_out.weight, pol.transformer.transformer_2.proj_out.weight)
+    assert not torch.equal(loaded.proj_out.weight, pol.reference.transformer_2.proj_out.weight)
 
 
 def test_family_option_errors_name_the_fix(saved):

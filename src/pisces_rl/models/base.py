@@ -76,7 +76,8 @@ class ModelFamily(Protocol):
     #     A14B: guidance_scale_2 below its expert boundary);
     # save_lora(pipe, denoiser, dir, state_dict, is_main_process) / load_lora(pipe, denoiser, dir) /
     # save_denoiser(pipe, denoiser, dir, state_dict): the saved layout when the trained module is not one diffusers
-    #     model (Wan 2.2 A14B: one LoRA file or folder per expert).
+    #     model (Wan 2.2 A14B: one LoRA file or folder per expert);
+    # fuse_lora(pipe, lora, lora_scale): load a saved LoRA into a plain pipeline and fuse it (`pisces-rl generate`).
 
 
 _FAMILIES: Dict[str, Callable[[], ModelFamily]] = {}

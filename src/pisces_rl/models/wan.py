@@ -21,7 +21,8 @@ import torch
 from . import lora as _lora
 from .base import flow_match_schedule, register_family
 from .tiny import build_tiny_wan_pipeline
-from .wan22 import EXPERTS, WanExperts, load_experts_lora, save_experts_denoiser, save_experts_lora
+from .wan22 import (EXPERTS, WanExperts, fuse_experts_lora, load_experts_lora, save_experts_denoiser,
+                    save_experts_lora)
 
 __all__ = ["WanFamily"]
 
@@ -113,6 +114,15 @@ class WanFamily:
             load_experts_lora(type(pipe), denoiser, directory)
         else:
             _lora.load_lora(type(pipe), denoiser, directory)
+
+    def fuse_lora(self, pipe: Any, lora: str, lora_scale: float = 1.0) -> None:
+        """Load a LoRA saved by the policy into the plain ``pipe`` and fuse it at ``lora_scale`` (every expert's file)."""
+        if getattr(pipe, "transformer_2", None) is not None:
+            fuse_experts_lora(pipe, lora, lora_scale)
+            return
+        pipe.load_lora_weights(lora)
+        pipe.fuse_lora(lora_scale=lora_scale)
+        pipe.unload_lora_weights()
 
     def save_denoiser(self, pipe: Any, denoiser: torch.nn.Module, directory: str, state_dict: Any = None) -> None:
         if isinstance(denoiser, WanExperts):

@@ -36,7 +36,7 @@ import torch
 from . import lora as _lora
 
 __all__ = ["WanExperts", "EXPERTS", "LORA_WEIGHT_NAMES", "save_experts_lora", "load_experts_lora",
-           "save_experts_denoiser"]
+           "save_experts_denoiser", "fuse_experts_lora"]
 
 EXPERTS = ("transformer", "transformer_2")
 LORA_WEIGHT_NAMES = {"transformer": "pytorch_lora_weights.safetensors",
@@ -179,3 +179,28 @@ def save_experts_denoiser(experts: WanExperts, directory: str,
     ``WanPipeline.from_pretrained(base, transformer_2=WanTransformer3DModel.from_pretrained(dir + "/transformer_2"))``."""
     for name, expert in experts.experts().items():
         _lora.save_denoiser(expert, os.path.join(directory, name), _expert_state(state_dict, name))
+
+
+def fuse_experts_lora(pipe: Any, lora: str, lora_scale: float = 1.0) -> None:
+    """Load each expert's file of ``lora`` (a folder written by :func:`save_experts_lora`, or a hub id) into the plain
+    two-expert ``pipe`` with ``load_lora_weights`` and fuse both at ``lora_scale`` (``pisces-rl generate``).
+
+    A local folder loads the files it has; from a hub id both files are tried and a missing one is skipped."""
+    local = os.path.isdir(lora)
+    loaded = []
+    for name, weight_name in LORA_WEIGHT_NAMES.items():
+        if local and not os.path.exists(os.path.join(lora, weight_name)):
+            continue
+        try:
+            pipe.load_lora_weights(lora, weight_name=weight_name, adapter_name=f"pisces_{name}",
+                                   load_into_transformer_2=name == "transformer_2")
+        except OSError:
+            if local:
+                raise
+            continue
+        loaded.append(name)
+    if not loaded:
+        raise FileNotFoundError(f"{lora!r} holds none of {sorted(LORA_WEIGHT_NAMES.values())}; pass the lora/ folder "
+                                "of a Wan 2.2 A14B run")
+    pipe.fuse_lora(lora_scale=lora_scale, components=loaded)
+    pipe.unload_lora_weights()
