@@ -124,6 +124,26 @@ SOURCES = {
     "nft.reward_std": f"global std + 1e-4: {NFT} `config/base.py:57`, `stat_tracking.py:28`",
     "nft.old_decay_start": DECAY, "nft.old_decay_rate": DECAY, "nft.old_decay_max": DECAY,
     "nft.eta": f"ODE sampler: {NFT} `config/nft.py:65`", "nft.guidance_scale": f"CFG-free: {NFT} `config/nft.py:64`"}
+W22, A14, TI = "Wan-Video/Wan2.2 `wan/configs/", "grpo_wan22_a14b_video", "grpo_wan22_ti2v_video"
+NOT22 = f"not sourced for Wan2.2 TI2V (no Wan2.2 recipe in {FG} or {DG}); "
+SOURCES["model.pretrained"].update({A14: "the Wan2.2 T2V MoE (two 14B experts, `boundary_ratio` 0.875 in its "
+    "`model_index.json`)", TI: "the Wan2.2 dense 5B T2V/I2V model (text-to-video here)"})
+MILES = "radixark/miles_diffusion `scripts/run_diffusion_grpo_wan22_pickscore_low_memory_17gpu.py` (Wan2.2-A14B GRPO"
+for _key in ("model.lora_rank", "model.lora_alpha"):
+    SOURCES[_key].update({A14: f"{MILES}: r 64, α 128, trains `transformer` only)", TI: NOT22 + SOURCES[_key]["wan"]})
+SOURCES["model.family_options.guidance_scale_2"] = f"{W22}wan_t2v_A14B.py` `sample_guide_scale = (3.0, 4.0)` (low, high noise)"
+SOURCES["sampling.num_frames"].update({A14: "diffusers `WanPipeline.__call__` default 81 (5 s at A14B's 16 fps)",
+                                       TI: f"{W22}wan_ti2v_5B.py` `frame_num = 121` (5 s at 24 fps)"})
+SOURCES["sampling.height"].update({A14: "480P: diffusers `WanPipeline.__call__` default 480×832 (A14B card: 480P/720P)",
+                                   TI: "720P of the TI2V-5B model card (1280×704)"})
+SOURCES["sampling.num_inference_steps"].update({A14: f"{W22}wan_t2v_A14B.py` `sample_steps = 40`",
+                                                TI: f"{W22}wan_ti2v_5B.py` `sample_steps = 50`"})
+SOURCES["sampling.guidance_scale"].update({A14: f"high-noise expert: {W22}wan_t2v_A14B.py` `sample_guide_scale` 4.0",
+                                           TI: f"{W22}wan_ti2v_5B.py` `sample_guide_scale = 5.0`"})
+SOURCES["sampling.max_sequence_length"].update({A14: "diffusers `WanPipeline.__call__` default 512",
+                                                TI: "diffusers `WanPipeline.__call__` default 512"})
+SOURCES["train.learning_rate"].update({A14: f"{MILES}: `--lr 1e-4`), as {FG}'s Wan2.1 LoRA run",
+                                       TI: NOT22 + SOURCES["train.learning_rate"]["wan"]})
 SOURCES.update({"sampling.width": SOURCES["sampling.height"], "rewards.eta": SOURCES["rewards.gamma"],
                 "rewards.weights.ot_semantic": SOURCES["rewards.weights.ot_quality"]})
 BACKPROP = {  # the backprop table's sources where they differ from SOURCES
@@ -165,7 +185,7 @@ ENGINEERING = {"model.dtype": "memory/speed: dtype of the frozen weights", "mode
 
 
 def group(name: str) -> str:
-    return "wan" if name.endswith("_wan") else "shapes" if "shapes" in name else "tiny"
+    return "wan" if name.endswith("_wan") or name.startswith(("grpo_wan", "backprop_wan")) else "shapes" if "shapes" in name else "tiny"
 
 
 @functools.lru_cache(maxsize=None)
@@ -243,7 +263,9 @@ def table_rows(table: str, engineering: dict) -> dict:
             continue
         used = [n for n in flat if not unused(key, table, cfgs[n])]
         text = cell({n: source(key, table, n, cfgs[n]) for n in used}, True) if used else "not read as shipped"
-        values = [fmt(f[key]) if n in used else f"({fmt(f[key])})" for n, f in flat.items()]
+        used = [n for n in used if key in flat[n]]  # a key only some recipes have (e.g. model.family_options.*)
+        text = cell({n: source(key, table, n, cfgs[n]) for n in used}, True) if used else "not read as shipped"
+        values = ["—" if key not in f else fmt(f[key]) if n in used else f"({fmt(f[key])})" for n, f in flat.items()]
         rows.setdefault(key.split(".")[0], []).append([f"`{key}`", *values, text.replace("|", "\\|")])
     return rows
 

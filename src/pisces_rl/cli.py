@@ -275,7 +275,7 @@ def generate_videos(prompts: Sequence[str], model, sampling, lora: Optional[str]
 
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(model.dtype) if dev.type != "cpu" else torch.float32
-    family = get_family(model.family)
+    family = get_family(model.family, getattr(model, "family_options", None))
     if model.pretrained == "tiny":
         pipe = family.build_tiny_pipeline(seed=model.seed)
     else:
@@ -288,9 +288,13 @@ def generate_videos(prompts: Sequence[str], model, sampling, lora: Optional[str]
         if not os.path.exists(lora) and not is_hub_id(lora):
             raise FileNotFoundError(f"--lora {lora!r} is neither an existing folder nor a hub id 'org/name'; "
                                     "pass the lora/ folder of a run (it holds pytorch_lora_weights.safetensors)")
-        pipe.load_lora_weights(lora)
-        pipe.fuse_lora(lora_scale=lora_scale)
-        pipe.unload_lora_weights()
+        fuse = getattr(family, "fuse_lora", None)  # a family whose LoRA is not one file (Wan 2.2 A14B)
+        if fuse is not None:
+            fuse(pipe, lora, lora_scale)
+        else:
+            pipe.load_lora_weights(lora)
+            pipe.fuse_lora(lora_scale=lora_scale)
+            pipe.unload_lora_weights()
     # sampling goes through the training code path; its fresh adapter starts at zero (B = 0), a no-op
     policy = VideoPolicy(pipe, family, lora_rank=model.lora_rank, lora_alpha=model.lora_alpha,
                          lora_target_modules=model.lora_target_modules, dtype=dtype, device=dev, seed=model.seed)

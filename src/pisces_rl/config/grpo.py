@@ -14,7 +14,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from .base import ConfigBase, ConfigError, option, require, section
 from .nft import NFTConfig
@@ -70,6 +70,8 @@ class ModelConfig(ConfigBase):
     pretrained: str = option("tiny", "diffusers pipeline directory or hub id; 'tiny' = a random tiny Wan built in "
                                      "code, 'shapes' = the ShapesWorld base model")
     family: str = option("wan", "pipeline adapter (module pisces_rl.models.<family>)")
+    family_options: dict[str, Any] = option({}, "keyword options of the family adapter, e.g. Wan 2.2 A14B: "
+                                                "{experts: [transformer_2], guidance_scale_2: 3.0} (docs/architecture.md)")
     finetune: str = option("lora", "what is trained: lora = a LoRA adapter on the frozen denoiser; full = every "
                                    "denoiser weight, in fp32 master weights (shard them with ZeRO-2/3), with a frozen "
                                    "copy of the base denoiser as KL/teacher reference (lora_* are then ignored)",

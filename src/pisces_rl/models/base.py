@@ -9,6 +9,7 @@ embeddings ``[B, L, D]``.
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 from contextlib import contextmanager
 from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple, Union
@@ -70,6 +71,14 @@ class ModelFamily(Protocol):
     def decode_checkpointed(self, pipe: Any, latents: torch.Tensor) -> torch.Tensor:
         """Optional: :meth:`decode`, recomputed piecewise (e.g. per latent frame) in backward to save memory."""
 
+    # Optional hooks (looked up with getattr; absent = the generic behaviour):
+    # guidance_scales(pipe, timestep [B], guidance_scale) -> float or [B] tensor: the CFG scale per video (Wan 2.2
+    #     A14B: guidance_scale_2 below its expert boundary);
+    # save_lora(pipe, denoiser, dir, state_dict, is_main_process) / load_lora(pipe, denoiser, dir) /
+    # save_denoiser(pipe, denoiser, dir, state_dict): the saved layout when the trained module is not one diffusers
+    #     model (Wan 2.2 A14B: one LoRA file or folder per expert);
+    # fuse_lora(pipe, lora, lora_scale): load a saved LoRA into a plain pipeline and fuse it (`pisces-rl generate`).
+
 
 _FAMILIES: Dict[str, Callable[[], ModelFamily]] = {}
 
@@ -82,12 +91,22 @@ def register_family(name: str):
     return wrap
 
 
-def get_family(name: str) -> ModelFamily:
-    """The registered family ``name`` (an instance)."""
+def get_family(name: str, options: Optional[Dict[str, Any]] = None) -> ModelFamily:
+    """The registered family ``name`` (an instance), built with ``model.family_options`` as keyword arguments."""
     if name not in _FAMILIES:
         raise ValueError(f"unknown model.family {name!r}; available: {sorted(_FAMILIES)} "
                          "(a new family is one file models/<family>.py registering a ModelFamily)")
-    return _FAMILIES[name]()
+    cls = _FAMILIES[name]
+    options = dict(options or {})
+    try:
+        accepted = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        accepted = {}
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(f"model.family_options {unknown} are not options of model.family={name!r}; it accepts "
+                         f"{sorted(accepted) or 'none'}")
+    return cls(**options)
 
 
 def flow_match_schedule(scheduler: Any, num_steps: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -254,9 +273,17 @@ class VideoPolicy:
         """
         if self.finetune == "full":
             if is_main_process:
-                _lora.save_denoiser(self.transformer, save_directory, state_dict)
+                hook = getattr(self.family, "save_denoiser", None)
+                if hook is not None:
+                    hook(self.pipeline, self.transformer, save_directory, state_dict)
+                else:
+                    _lora.save_denoiser(self.transformer, save_directory, state_dict)
             return
-        _lora.save_lora(type(self.pipeline), self.transformer, save_directory, state_dict, is_main_process)
+        hook = getattr(self.family, "save_lora", None)
+        if hook is not None:
+            hook(self.pipeline, self.transformer, save_directory, state_dict, is_main_process)
+        else:
+            _lora.save_lora(type(self.pipeline), self.transformer, save_directory, state_dict, is_main_process)
 
     def save_lora(self, save_directory: str, state_dict: Optional[Dict[str, torch.Tensor]] = None,
                   is_main_process: bool = True) -> None:
@@ -271,7 +298,11 @@ class VideoPolicy:
     def load_lora(self, directory: str) -> None:
         """Load LoRA weights written by :meth:`save_lora` into this policy (resume)."""
         self._require_lora("load_lora")
-        _lora.load_lora(type(self.pipeline), self.transformer, directory)
+        hook = getattr(self.family, "load_lora", None)
+        if hook is not None:
+            hook(self.pipeline, self.transformer, directory)
+        else:
+            _lora.load_lora(type(self.pipeline), self.transformer, directory)
 
     def _require_lora(self, what: str) -> None:
         if self.finetune != "lora":
@@ -298,7 +329,9 @@ class VideoPolicy:
     def predict_velocity(self, latents: torch.Tensor, timestep: Union[float, torch.Tensor],
                          prompt_embeds: torch.Tensor, negative_prompt_embeds: Optional[torch.Tensor] = None,
                          guidance_scale: float = 1.0) -> torch.Tensor:
-        """Guided velocity ``v = v_u + g * (v_c - v_u)`` (plain ``v_c`` without CFG), float32.
+        """Guided velocity ``v = v_u + g * (v_c - v_u)`` (plain ``v_c`` without CFG), float32. ``g`` is
+        ``guidance_scale``, or per video where the family has ``guidance_scales`` (Wan 2.2 A14B's
+        ``guidance_scale_2`` below its expert boundary).
 
         Args:
             latents: ``[B, C, F, h, w]`` (any dtype; cast to the policy dtype for the denoiser).
@@ -323,7 +356,11 @@ class VideoPolicy:
             out = self.family.forward(self.pipeline, denoiser, torch.cat([x, x]), torch.cat([t, t]),
                                       torch.cat([negative_prompt_embeds, prompt_embeds]))
             uncond, cond = out.float().chunk(2)
-            return uncond + guidance_scale * (cond - uncond)
+            scales = getattr(self.family, "guidance_scales", None)
+            scale = guidance_scale if scales is None else scales(self.pipeline, t, guidance_scale)
+            if torch.is_tensor(scale):
+                scale = scale.to(cond).view(-1, *([1] * (cond.dim() - 1)))
+            return uncond + scale * (cond - uncond)
         return self.family.forward(self.pipeline, denoiser, x, t, prompt_embeds).float()
 
     def encode(self, videos: torch.Tensor, chunk_size: int = 0) -> torch.Tensor:
@@ -375,7 +412,7 @@ def build_policy(model_cfg: Any, device: Optional[Union[str, torch.device]] = No
     half-precision ``model_cfg.dtype`` falls back to float32 (with a warning).
     """
     get = lambda name, default: getattr(model_cfg, name, default)  # noqa: E731
-    family = get_family(get("family", "wan"))
+    family = get_family(get("family", "wan"), get("family_options", None))
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(get("dtype", "fp32"))
     if dev.type == "cpu" and dtype != torch.float32:

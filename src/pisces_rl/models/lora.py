@@ -86,27 +86,29 @@ def lora_state_dict(model: torch.nn.Module, state_dict: Optional[Dict[str, torch
 
 
 def save_lora(pipeline_cls, model: torch.nn.Module, save_directory: str,
-              state_dict: Optional[Dict[str, torch.Tensor]] = None, is_main_process: bool = True) -> None:
-    """Write ``pytorch_lora_weights.safetensors`` (+ adapter config metadata) loadable by
-    ``pipeline_cls.load_lora_weights(save_directory)``."""
+              state_dict: Optional[Dict[str, torch.Tensor]] = None, is_main_process: bool = True,
+              weight_name: Optional[str] = None) -> None:
+    """Write ``pytorch_lora_weights.safetensors`` (or ``weight_name``; + adapter config metadata) loadable by
+    ``pipeline_cls.load_lora_weights(save_directory[, weight_name=...])``."""
     weights = lora_state_dict(model, state_dict)
     metadata = model.peft_config[ADAPTER_NAME].to_dict()
     pipeline_cls.save_lora_weights(
         save_directory, transformer_lora_layers=weights, is_main_process=is_main_process,
-        transformer_lora_adapter_metadata=metadata,
+        transformer_lora_adapter_metadata=metadata, weight_name=weight_name,
     )
 
 
-def load_lora(pipeline_cls, model: torch.nn.Module, directory: str) -> None:
+def load_lora(pipeline_cls, model: torch.nn.Module, directory: str, weight_name: Optional[str] = None) -> None:
     """Load LoRA weights saved by :func:`save_lora` (or any diffusers-format Wan LoRA of the same
-    rank and targets) into the existing ``"default"`` adapter of ``model``, in place."""
+    rank and targets; file ``weight_name`` of ``directory`` if given) into the existing ``"default"`` adapter
+    of ``model``, in place."""
     from diffusers.utils import convert_unet_state_dict_to_peft
     from peft.utils import set_peft_model_state_dict
 
     if not os.path.exists(directory):
         raise FileNotFoundError(f"LoRA weights not found at {directory!r}; point model.lora_path at a directory "
                                 "written by VideoPolicy.save_lora (or a pipeline's save_lora_weights)")
-    full = pipeline_cls.lora_state_dict(directory)
+    full = pipeline_cls.lora_state_dict(directory, **({"weight_name": weight_name} if weight_name else {}))
     prefix = "transformer."
     weights = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
     if not weights:

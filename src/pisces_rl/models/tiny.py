@@ -22,7 +22,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-__all__ = ["build_tiny_wan_pipeline", "build_tiny_tokenizer", "TINY_VOCAB_WORDS"]
+__all__ = ["build_tiny_wan_pipeline", "build_tiny_wan22_pipeline", "build_tiny_tokenizer", "TINY_VOCAB_WORDS"]
 
 # Whole-word entries; anything else is spelled with single characters (word-piece fallback).
 TINY_VOCAB_WORDS = (
@@ -76,6 +76,8 @@ def build_tiny_wan_pipeline(
     vae_kwargs: Optional[Dict[str, Any]] = None,
     text_encoder_kwargs: Optional[Dict[str, Any]] = None,
     shift: float = 3.0,
+    transformer_2: bool = False,
+    pipeline_kwargs: Optional[Dict[str, Any]] = None,
 ):
     """Build a tiny random ``WanPipeline`` on CPU in float32.
 
@@ -86,6 +88,9 @@ def build_tiny_wan_pipeline(
             pretrain on ShapesWorld). The text encoder's ``d_model`` must equal the transformer's
             ``text_dim``.
         shift: the flow-matching scheduler's timestep shift.
+        transformer_2: also build a second transformer (seeded ``seed + 1``), the low-noise expert of a
+            two-expert Wan 2.2 pipeline (then pass ``pipeline_kwargs={"boundary_ratio": ...}``).
+        pipeline_kwargs: extra ``WanPipeline`` arguments (``boundary_ratio``, ``expand_timesteps``).
 
     Returns:
         ``diffusers.WanPipeline`` with its progress bar disabled. Latents for ``num_frames=4k+1`` at
@@ -120,12 +125,37 @@ def build_tiny_wan_pipeline(
     vae = _seeded(seed, lambda: AutoencoderKLWan(**vae_cfg))
     text_encoder = _seeded(seed, lambda: UMT5EncoderModel(UMT5Config(**te_cfg)))
     transformer = _seeded(seed, lambda: WanTransformer3DModel(**tr_cfg))
+    expert_2 = _seeded(seed + 1, lambda: WanTransformer3DModel(**tr_cfg)).eval() if transformer_2 else None
     pipe = WanPipeline(
         tokenizer=tokenizer,
         text_encoder=text_encoder.eval(),
         vae=vae.eval(),
         scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
         transformer=transformer.eval(),
+        transformer_2=expert_2,
+        **(pipeline_kwargs or {}),
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def build_tiny_wan22_pipeline(variant: str = "a14b", seed: int = 0, boundary_ratio: float = 0.875):
+    """A tiny random Wan 2.2 ``WanPipeline`` (CPU, float32), in one of the two Wan 2.2 T2V layouts.
+
+    * ``"a14b"``: two experts, ``transformer`` (high noise, seed ``seed``) and ``transformer_2`` (low noise,
+      seed ``seed + 1``), switched at ``boundary_ratio`` (0.875 as in Wan2.2-T2V-A14B's ``model_index.json``);
+      the tiny Wan 2.1 VAE (16 latent channels, 8x spatial). Latents ``[B, 16, k+1, H/8, W/8]``.
+    * ``"ti2v"``: one transformer with ``expand_timesteps=True`` (one timestep per latent token, as
+      Wan2.2-TI2V-5B) and the Wan 2.2 VAE layout: ``z_dim=48``, ``patch_size=2`` (pixel unshuffle before the
+      encoder), ``is_residual=True``, ``scale_factor_spatial=16`` (the layout of diffusers'
+      ``tests/pipelines/wan/test_wan_22_5B.py`` dummy components). Latents ``[B, 48, k+1, H/16, W/16]``;
+      H and W must be multiples of 32.
+    """
+    if variant == "a14b":
+        return build_tiny_wan_pipeline(seed, transformer_2=True, pipeline_kwargs={"boundary_ratio": boundary_ratio})
+    if variant == "ti2v":
+        vae = dict(z_dim=48, in_channels=12, out_channels=12, is_residual=True, patch_size=2, scale_factor_spatial=16,
+                   latents_mean=[0.0] * 48, latents_std=[1.0] * 48)
+        return build_tiny_wan_pipeline(seed, vae_kwargs=vae, transformer_kwargs=dict(in_channels=48, out_channels=48),
+                                       pipeline_kwargs={"expand_timesteps": True})
+    raise ValueError(f"unknown tiny Wan 2.2 variant {variant!r}; use 'a14b' (two experts) or 'ti2v'")

@@ -1,27 +1,51 @@
-"""Wan 2.1 text-to-video adapter (``diffusers.WanPipeline``): the only Wan-specific code of the policy."""
+"""Wan text-to-video adapter (``diffusers.WanPipeline``): the only Wan-specific code of the policy.
+
+One family, ``model.family=wan``, for every ``WanPipeline`` layout:
+
+* Wan 2.1 T2V (one ``transformer``);
+* Wan 2.2 TI2V-5B (one ``transformer``, ``expand_timesteps=True``: one timestep per latent token; the 48-channel
+  VAE with ``patch_size=2``, 16x spatial compression). Text-to-video only: image conditioning (TI2V's first-frame
+  latent) is not supported;
+* Wan 2.2 A14B (``transformer`` for high noise, ``transformer_2`` for low noise, switched at ``boundary_ratio``):
+  the trained module is :class:`~pisces_rl.models.wan22.WanExperts`. ``model.family_options``:
+  ``experts`` (which experts get LoRA, default both) and ``guidance_scale_2`` (the low-noise expert's CFG scale,
+  default ``sampling.guidance_scale``, as ``WanPipeline``'s ``guidance_scale_2=None``).
+"""
 from __future__ import annotations
 
 import os
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 
+from . import lora as _lora
 from .base import flow_match_schedule, register_family
 from .tiny import build_tiny_wan_pipeline
+from .wan22 import (EXPERTS, WanExperts, fuse_experts_lora, load_experts_lora, save_experts_denoiser,
+                    save_experts_lora)
 
 __all__ = ["WanFamily"]
 
 
 @register_family("wan")
 class WanFamily:
-    """:class:`~pisces_rl.models.base.ModelFamily` for ``WanPipeline`` (Wan 2.1 T2V, single transformer).
+    """:class:`~pisces_rl.models.base.ModelFamily` for ``WanPipeline`` (Wan 2.1 T2V, Wan 2.2 TI2V-5B and A14B).
 
-    Latents are ``[B, 16, (F-1)/4 + 1, H/8, W/8]`` for ``F = 4k+1`` frames; the transformer predicts the
-    flow velocity ``eps - x0`` directly; the VAE works on un-normalised latents
-    (``z / latents_std + latents_mean``) and outputs ``[-1, 1]``.
+    Latents are ``[B, z_dim, (F-1)/4 + 1, H/s, W/s]`` for ``F = 4k+1`` frames (``z_dim, s`` = 16, 8 for the
+    Wan 2.1 VAE; 48, 16 for the Wan 2.2 VAE); the transformer predicts the flow velocity ``eps - x0`` directly;
+    the VAE works on un-normalised latents (``z / latents_std + latents_mean``) and outputs ``[-1, 1]``.
+
+    Args (``model.family_options``; only for two-expert Wan 2.2 pipelines):
+        experts: the experts that are trained (LoRA or full), a subset of ``["transformer", "transformer_2"]``
+            (high-, low-noise expert); default both.
+        guidance_scale_2: CFG scale of the low-noise expert; ``None`` = ``sampling.guidance_scale``.
     """
 
     name = "wan"
+
+    def __init__(self, experts: Optional[Sequence[str]] = None, guidance_scale_2: Optional[float] = None):
+        self.experts = None if experts is None else tuple(experts)
+        self.guidance_scale_2 = None if guidance_scale_2 is None else float(guidance_scale_2)
 
     def build_tiny_pipeline(self, seed: int = 0) -> Any:
         return build_tiny_wan_pipeline(seed=seed)
@@ -50,12 +74,61 @@ class WanFamily:
 
         if not isinstance(pipe, WanPipeline):
             raise ValueError(f"model.family='wan' needs a WanPipeline, got {type(pipe).__name__}; set model.family")
-        if pipe.transformer is None or getattr(pipe, "transformer_2", None) is not None:
-            raise ValueError("two-stage Wan 2.2 pipelines (transformer_2 / boundary_ratio) are not supported; "
-                             "use a single-transformer Wan 2.1 T2V checkpoint")
+        two = getattr(pipe, "transformer_2", None) is not None
+        if pipe.transformer is None:
+            raise ValueError("this WanPipeline has no `transformer` (only transformer_2); the policy needs the "
+                             "high-noise expert too: load the full Wan 2.2 checkpoint")
+        if two and pipe.config.get("boundary_ratio") is None:
+            raise ValueError("this WanPipeline has transformer_2 but no boundary_ratio, so WanPipeline would never "
+                             "call transformer_2; set boundary_ratio in its model_index.json (A14B T2V: 0.875)")
+        if not two and (self.experts is not None or self.guidance_scale_2 is not None):
+            raise ValueError("model.family_options experts / guidance_scale_2 apply to two-expert Wan 2.2 pipelines "
+                             "(transformer + transformer_2) only; this one has a single transformer: remove them")
+        if two and pipe.config.get("expand_timesteps", False):
+            raise ValueError("expand_timesteps with two experts is not a Wan 2.2 layout this adapter supports")
 
     def denoiser(self, pipe: Any) -> torch.nn.Module:
-        return pipe.transformer
+        if getattr(pipe, "transformer_2", None) is None:
+            return pipe.transformer
+        boundary = pipe.config.boundary_ratio * pipe.scheduler.config.num_train_timesteps
+        return WanExperts(pipe.transformer, pipe.transformer_2, boundary, self.experts or EXPERTS)
+
+    def guidance_scales(self, pipe: Any, timestep: torch.Tensor, guidance_scale: float):
+        """``guidance_scale``, or per video ``[B]`` with ``guidance_scale_2`` below the expert boundary
+        (``WanPipeline.__call__``'s ``current_guidance_scale``)."""
+        if self.guidance_scale_2 is None or getattr(pipe, "transformer_2", None) is None:
+            return guidance_scale
+        boundary = pipe.config.boundary_ratio * pipe.scheduler.config.num_train_timesteps
+        high = torch.as_tensor(timestep).float() >= boundary
+        return torch.where(high, float(guidance_scale), self.guidance_scale_2)
+
+    def save_lora(self, pipe: Any, denoiser: torch.nn.Module, directory: str, state_dict: Any = None,
+                  is_main_process: bool = True) -> None:
+        if isinstance(denoiser, WanExperts):
+            save_experts_lora(type(pipe), denoiser, directory, state_dict, is_main_process)
+        else:
+            _lora.save_lora(type(pipe), denoiser, directory, state_dict, is_main_process)
+
+    def load_lora(self, pipe: Any, denoiser: torch.nn.Module, directory: str) -> None:
+        if isinstance(denoiser, WanExperts):
+            load_experts_lora(type(pipe), denoiser, directory)
+        else:
+            _lora.load_lora(type(pipe), denoiser, directory)
+
+    def fuse_lora(self, pipe: Any, lora: str, lora_scale: float = 1.0) -> None:
+        """Load a LoRA saved by the policy into the plain ``pipe`` and fuse it at ``lora_scale`` (every expert's file)."""
+        if getattr(pipe, "transformer_2", None) is not None:
+            fuse_experts_lora(pipe, lora, lora_scale)
+            return
+        pipe.load_lora_weights(lora)
+        pipe.fuse_lora(lora_scale=lora_scale)
+        pipe.unload_lora_weights()
+
+    def save_denoiser(self, pipe: Any, denoiser: torch.nn.Module, directory: str, state_dict: Any = None) -> None:
+        if isinstance(denoiser, WanExperts):
+            save_experts_denoiser(denoiser, directory, state_dict)
+        else:
+            _lora.save_denoiser(denoiser, directory, state_dict)
 
     def latent_shape(self, pipe: Any, batch_size: int, num_frames: int, height: int, width: int) -> Tuple[int, ...]:
         tf, sf = pipe.vae_scale_factor_temporal, pipe.vae_scale_factor_spatial
