@@ -18,7 +18,8 @@ timestep fraction and micro-batch, with these changes so that all families fit t
 
 Measured: ``sample`` (prompt encoding, denoising with log-probs, VAE decode; ``decode`` is the policy's decode
 call inside it), ``reward``, ``update`` (forward + backward + optimiser step), and the peak of
-``torch.cuda.max_memory_allocated`` over the iteration, with and without denoiser gradient checkpointing. Per
+``torch.cuda.max_memory_allocated`` over the iteration, with and without denoiser gradient checkpointing (the
+"off" row re-runs only the update on the same rollout: sampling has no gradients, its columns are shared). Per
 unit: ``s/step`` = one denoising step of one rollout forward (CFG included), ``s/train`` = one trained timestep
 of one micro-batch (forward + backward). ``est. recipe it.`` extrapolates to the recipe's whole iteration per
 process on ``--processes`` GPUs (linear in the batch: a rough guide, not a measurement).
@@ -236,16 +237,19 @@ def _peak_gib(device: torch.device) -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 2 ** 20
 
 
-def run_one(arch: Dict[str, Any], kwargs: Dict[str, Any], args, checkpointing: bool) -> Dict[str, Any]:
-    """Build ``arch`` and run one GRPO iteration; the row's measured columns."""
-    from pisces_rl.config import batch_arithmetic
-    from pisces_rl.config.grpo import train_timesteps_per_video
+def run_arch(arch: Dict[str, Any], kwargs: Dict[str, Any], args, rows: List[Dict[str, Any]]) -> None:
+    """Build ``arch`` with gradient checkpointing, run one GRPO iteration (the "on" row), then the update again on
+    the same rollout with checkpointing off (the "off" row: sampling has no gradients, so it is shared). Appends
+    the measured columns to ``rows[-2]`` (on) and ``rows[-1]`` (off); OOM and other failures propagate."""
+    from accelerate.state import AcceleratorState, GradientState
+
     from pisces_rl.models import VideoPolicy, get_family, resolve_dtype
     from pisces_rl.trainer import GRPOTrainer
 
-    device = torch.device(args.device)
+    device, on, off = torch.device(args.device), rows[-2], rows[-1]
     recipe, cfg = bench_config(recipe_path(arch), args.size, args.steps, tempfile.mkdtemp(dir=args.workdir),
                                args.resolution)
+    on["H x W x F"] = off["H x W x F"] = f"{cfg.sampling.height} x {cfg.sampling.width} x {cfg.sampling.num_frames}"
     dtype = resolve_dtype(cfg.model.dtype) if device.type == "cuda" else torch.float32
     family = get_family(arch["family"])
     with build_on(device, dtype):
@@ -253,15 +257,13 @@ def run_one(arch: Dict[str, Any], kwargs: Dict[str, Any], args, checkpointing: b
     m = cfg.model
     policy = VideoPolicy(pipe, family, lora_rank=m.lora_rank, lora_alpha=m.lora_alpha,
                          lora_target_modules=m.lora_target_modules, dtype=dtype, device=device,
-                         gradient_checkpointing=checkpointing, finetune=m.finetune)
-    from accelerate.state import AcceleratorState, GradientState
-
+                         gradient_checkpointing=True, finetune=m.finetune)
     AcceleratorState._reset_state(reset_partial_state=True)   # each row may use its recipe's mixed precision
     GradientState._reset_state()
     trainer = GRPOTrainer(cfg, rewards={"brightness": brightness}, policy=policy, prompts=PROMPTS)
-    row: Dict[str, Any] = {"denoiser B params": sum(p.numel() for p in policy.transformer.parameters()) / 1e9}
+    on["denoiser B params"] = sum(p.numel() for p in policy.transformer.parameters()) / 1e9
     if device.type == "cuda":
-        row["weights GiB"] = torch.cuda.memory_allocated(device) / 2 ** 30
+        on["weights GiB"] = torch.cuda.memory_allocated(device) / 2 ** 30
     decode_s: List[float] = []
     real_decode = policy.decode
 
@@ -278,31 +280,53 @@ def run_one(arch: Dict[str, Any], kwargs: Dict[str, Any], args, checkpointing: b
     sampled = _sync(device)
     del policy.decode
     scores = trainer.rewards(rollout.videos, rollout.prompts)
+    advantages = trainer.advantages(scores, group_ids)
     rewarded = _sync(device)
-    metrics = trainer.update(rollout, trainer.advantages(scores, group_ids))
-    updated = _sync(device)
-    row["peak GiB"] = _peak_gib(device)
-    row["decode s"] = sum(decode_s)
-    row.update({"sample s": sampled - start, "reward s": rewarded - sampled, "update s": updated - rewarded})
-    if not all(math.isfinite(v) for v in metrics.values()):
-        row["note"] = "non-finite training metrics (random weights)"
+    sample_peak = _peak_gib(device)
+    on.update({"sample s": sampled - start, "decode s": sum(decode_s), "reward s": rewarded - sampled})
+    for row, checkpointing in ((on, True), (off, False)):
+        if not checkpointing:
+            off.update({k: on[k] for k in ("denoiser B params", "weights GiB", "sample s", "decode s", "reward s")
+                        if k in on})
+            _set_checkpointing(policy.transformer, False)
+            trainer.optimizer.zero_grad(set_to_none=True)
+        _reset_peak(device)
+        begin = _sync(device)
+        metrics = trainer.update(rollout, advantages)
+        row["update s"] = _sync(device) - begin
+        row["peak GiB"] = max(sample_peak, _peak_gib(device))
+        _per_unit(row, rollout, cfg, recipe, args)
+        row["status"] = "ok" if all(math.isfinite(v) for v in metrics.values()) else "ok (non-finite metrics)"
+
+
+def _set_checkpointing(model: torch.nn.Module, enable: bool) -> None:
+    """``disable_gradient_checkpointing`` of diffusers' ModelMixin, or its flags on any other module (a wrapper)."""
+    for module in model.modules():
+        if hasattr(module, "gradient_checkpointing"):
+            module.gradient_checkpointing = enable
+
+
+def _per_unit(row: Dict[str, Any], rollout, cfg, recipe, args) -> None:
+    """``s/step``, ``s/train`` and (recipe size) the recipe's estimated iteration per process."""
+    from pisces_rl.config import batch_arithmetic
+    from pisces_rl.config.grpo import train_timesteps_per_video
+
     s, t = cfg.sampling, cfg.train
     forwards = len(rollout) // t.sample_batch_size
     trained = t.num_iterations * math.ceil(len(rollout) / t.train_batch_size) * rollout.train_step_indices.shape[1]
     row["s/step"] = (row["sample s"] - row["decode s"]) / (s.num_inference_steps * forwards)
     row["s/train"] = row["update s"] / trained
     if args.size == "tiny":
-        return row
+        return
     try:   # the recipe's iteration per process, linear in videos per forward / micro-batch
         b, rs, rt = batch_arithmetic(recipe, args.processes), recipe.sampling, recipe.train
-        per_video_step = row["s/step"] / t.sample_batch_size
         row["est. recipe it. s"] = (
-            b["videos_per_process"] * (rs.num_inference_steps * per_video_step + row["decode s"] / len(rollout))
+            b["videos_per_process"] * (rs.num_inference_steps * row["s/step"] / t.sample_batch_size
+                                       + row["decode s"] / len(rollout))
             + b["micro_batches_per_epoch"] * rt.num_iterations * train_timesteps_per_video(rs)
             * row["s/train"] * rt.train_batch_size / t.train_batch_size)
     except Exception:  # noqa: BLE001 - the recipe's batch does not divide over --processes: no estimate
         pass
-    return row
 
 
 def _free(device: torch.device) -> None:
@@ -313,44 +337,44 @@ def _free(device: torch.device) -> None:
 
 def run(args) -> List[Dict[str, Any]]:
     """Every selected architecture x gradient checkpointing on/off -> one row each (failures become rows)."""
-    rows, start = [], time.perf_counter()
-    device = torch.device(args.device)
+    rows: List[Dict[str, Any]] = []
+    start, device = time.perf_counter(), torch.device(args.device)
     work = tempfile.TemporaryDirectory(prefix="gpu_families_")   # the trainers' (unused) output directories
     args.workdir = work.name
     wanted = set(args.families or ())
-    selected = [a for a in ARCHITECTURES if not wanted or {a["family"], a["name"]} & wanted]
-    for arch in selected:
+    for arch in [a for a in ARCHITECTURES if not wanted or {a["family"], a["name"]} & wanted]:
         kwargs = build_kwargs(arch, args.size)
         path = recipe_path(arch)
-        recipe = os.path.relpath(path, ROOT) if path else f"recipes/configs/{arch['recipe']}"
+        base = {"architecture": arch["name"], "family": arch["family"],
+                "recipe": os.path.relpath(path, ROOT) if path else f"recipes/configs/{arch['recipe']}"}
         reason = unavailable(arch, kwargs)
-        for checkpointing in (True, False):
-            row: Dict[str, Any] = {"architecture": arch["name"], "family": arch["family"], "recipe": recipe,
-                                   "grad ckpt": "on" if checkpointing else "off"}
-            if reason is not None:
-                row["status"] = reason
-            elif time.perf_counter() - start > args.time_budget:
-                row["status"] = "skipped (budget)"
-            elif not checkpointing and rows[-1]["status"] == "OOM":
-                row["status"] = "OOM (already with checkpointing)"
-            else:
-                try:
-                    _, cfg = bench_config(path, args.size, args.steps, tempfile.mkdtemp(dir=args.workdir),
-                                          args.resolution)
-                    row["H x W x F"] = f"{cfg.sampling.height} x {cfg.sampling.width} x {cfg.sampling.num_frames}"
-                    row.update(run_one(arch, kwargs, args, checkpointing))
-                    row["status"] = f"ok ({row.pop('note')})" if "note" in row else "ok"
-                except torch.OutOfMemoryError:
-                    row["status"] = "OOM"
-                except Exception as err:  # noqa: BLE001 - one failing family must not end the benchmark
-                    row["status"] = f"error: {type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}"
-                _free(device)
-            rows.append(row)
+        if reason is not None:
+            rows.append(dict(base, **{"grad ckpt": "on, off", "status": reason}))
+        elif time.perf_counter() - start > args.time_budget:
+            rows += [dict(base, **{"grad ckpt": c, "status": "skipped (budget)"}) for c in ("on", "off")]
+        else:
+            rows += [dict(base, **{"grad ckpt": c}) for c in ("on", "off")]
+            try:
+                run_arch(arch, kwargs, args, rows)
+            except torch.OutOfMemoryError:
+                _mark(rows, "OOM", "OOM (already with checkpointing)")
+            except Exception as err:  # noqa: BLE001 - one failing family must not end the benchmark
+                message = str(err).splitlines()[0][:120] if str(err) else ""
+                _mark(rows, f"error: {type(err).__name__}: {message}", "not run (error above)")
+            _free(device)
+        for row in rows[-2:] if reason is None else rows[-1:]:
             print(f"  {row['architecture']} ckpt={row['grad ckpt']}: {row['status']}", file=sys.stderr, flush=True)
-            if reason is not None:
-                break   # one row says why
     work.cleanup()
     return rows
+
+
+def _mark(rows: List[Dict[str, Any]], failure: str, after_on: str) -> None:
+    """The failed row gets ``failure``: the "off" row if the "on" row finished, else both (off: ``after_on``)."""
+    on, off = rows[-2], rows[-1]
+    if "status" in on:
+        off["status"] = "OOM" if failure == "OOM" else failure
+    else:
+        on["status"], off["status"] = failure, after_on
 
 
 def markdown(rows: List[Dict[str, Any]]) -> str:
