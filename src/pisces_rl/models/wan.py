@@ -26,7 +26,7 @@ class WanFamily:
     def build_tiny_pipeline(self, seed: int = 0, *, transformer_kwargs: Optional[dict] = None,
                             vae_kwargs: Optional[dict] = None, text_encoder_kwargs: Optional[dict] = None) -> Any:
         """The tiny test pipeline; the ``*_kwargs`` override its configs (e.g. a published architecture with random
-        weights, as ``benchmarks/gpu_families.py`` builds it): see :func:`~pisces_rl.models.tiny.build_tiny_wan_pipeline`."""
+        weights, as ``benchmarks/gpu_families.py`` builds it): see :func:`.tiny.build_tiny_wan_pipeline`."""
         return build_tiny_wan_pipeline(seed=seed, transformer_kwargs=transformer_kwargs, vae_kwargs=vae_kwargs,
                                        text_encoder_kwargs=text_encoder_kwargs)
 
