@@ -33,7 +33,10 @@ class ModelFamily(Protocol):
     name: str
 
     def build_tiny_pipeline(self, seed: int) -> Any:
-        """A tiny random pipeline built in code (for tests and the embedded default)."""
+        """A tiny random pipeline built in code (for tests and the embedded default). Families should also take
+        keyword-only ``transformer_kwargs`` / ``vae_kwargs`` / ``text_encoder_kwargs`` (dicts overriding the tiny
+        configs of the denoiser, VAE and text encoder): ``benchmarks/gpu_families.py`` builds the published
+        architectures with random weights through them."""
 
     def load_pipeline(self, pretrained: str, torch_dtype: torch.dtype) -> Any:
         """``<Pipeline>.from_pretrained`` with a clear error for a missing path."""

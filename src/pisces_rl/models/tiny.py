@@ -139,7 +139,10 @@ def build_tiny_wan_pipeline(
     return pipe
 
 
-def build_tiny_wan22_pipeline(variant: str = "a14b", seed: int = 0, boundary_ratio: float = 0.875):
+def build_tiny_wan22_pipeline(variant: str = "a14b", seed: int = 0, boundary_ratio: float = 0.875, *,
+                              transformer_kwargs: Optional[Dict[str, Any]] = None,
+                              vae_kwargs: Optional[Dict[str, Any]] = None,
+                              text_encoder_kwargs: Optional[Dict[str, Any]] = None):
     """A tiny random Wan 2.2 ``WanPipeline`` (CPU, float32), in one of the two Wan 2.2 T2V layouts.
 
     * ``"a14b"``: two experts, ``transformer`` (high noise, seed ``seed``) and ``transformer_2`` (low noise,
@@ -150,12 +153,20 @@ def build_tiny_wan22_pipeline(variant: str = "a14b", seed: int = 0, boundary_rat
       encoder), ``is_residual=True``, ``scale_factor_spatial=16`` (the layout of diffusers'
       ``tests/pipelines/wan/test_wan_22_5B.py`` dummy components). Latents ``[B, 48, k+1, H/16, W/16]``;
       H and W must be multiples of 32.
+
+    ``transformer_kwargs`` / ``vae_kwargs`` / ``text_encoder_kwargs`` override the tiny configs, as in
+    :func:`build_tiny_wan_pipeline` (e.g. a published architecture with random weights).
     """
     if variant == "a14b":
-        return build_tiny_wan_pipeline(seed, transformer_2=True, pipeline_kwargs={"boundary_ratio": boundary_ratio})
+        return build_tiny_wan_pipeline(seed, transformer_2=True, pipeline_kwargs={"boundary_ratio": boundary_ratio},
+                                       transformer_kwargs=transformer_kwargs, vae_kwargs=vae_kwargs,
+                                       text_encoder_kwargs=text_encoder_kwargs)
     if variant == "ti2v":
         vae = dict(z_dim=48, in_channels=12, out_channels=12, is_residual=True, patch_size=2, scale_factor_spatial=16,
                    latents_mean=[0.0] * 48, latents_std=[1.0] * 48)
-        return build_tiny_wan_pipeline(seed, vae_kwargs=vae, transformer_kwargs=dict(in_channels=48, out_channels=48),
-                                       pipeline_kwargs={"expand_timesteps": True})
+        vae.update(vae_kwargs or {})
+        return build_tiny_wan_pipeline(seed, vae_kwargs=vae, pipeline_kwargs={"expand_timesteps": True},
+                                       transformer_kwargs={"in_channels": 48, "out_channels": 48,
+                                                           **(transformer_kwargs or {})},
+                                       text_encoder_kwargs=text_encoder_kwargs)
     raise ValueError(f"unknown tiny Wan 2.2 variant {variant!r}; use 'a14b' (two experts) or 'ti2v'")

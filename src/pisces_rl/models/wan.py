@@ -20,7 +20,7 @@ import torch
 
 from . import lora as _lora
 from .base import flow_match_schedule, register_family
-from .tiny import build_tiny_wan_pipeline
+from .tiny import build_tiny_wan22_pipeline, build_tiny_wan_pipeline
 from .wan22 import (EXPERTS, WanExperts, fuse_experts_lora, load_experts_lora, save_experts_denoiser,
                     save_experts_lora)
 
@@ -47,8 +47,16 @@ class WanFamily:
         self.experts = None if experts is None else tuple(experts)
         self.guidance_scale_2 = None if guidance_scale_2 is None else float(guidance_scale_2)
 
-    def build_tiny_pipeline(self, seed: int = 0) -> Any:
-        return build_tiny_wan_pipeline(seed=seed)
+    def build_tiny_pipeline(self, seed: int = 0, *, variant: str = "2.1", transformer_kwargs: Optional[dict] = None,
+                            vae_kwargs: Optional[dict] = None, text_encoder_kwargs: Optional[dict] = None) -> Any:
+        """The tiny test pipeline: ``variant`` ``"2.1"`` (one transformer), ``"a14b"`` (Wan 2.2, two experts) or
+        ``"ti2v"`` (Wan 2.2 TI2V-5B layout); the ``*_kwargs`` override its configs (e.g. a published architecture
+        with random weights, as ``benchmarks/gpu_families.py`` builds it): see :mod:`.tiny`."""
+        kwargs = dict(transformer_kwargs=transformer_kwargs, vae_kwargs=vae_kwargs,
+                      text_encoder_kwargs=text_encoder_kwargs)
+        if variant == "2.1":
+            return build_tiny_wan_pipeline(seed=seed, **kwargs)
+        return build_tiny_wan22_pipeline(variant, seed=seed, **kwargs)
 
     def load_pipeline(self, pretrained: str, torch_dtype: torch.dtype) -> Any:
         from diffusers import WanPipeline
