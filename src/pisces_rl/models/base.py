@@ -19,7 +19,7 @@ import torch.utils.checkpoint
 from . import lora as _lora
 
 __all__ = ["ModelFamily", "register_family", "get_family", "flow_match_schedule", "VideoPolicy", "build_policy",
-           "resolve_dtype", "FINETUNE_MODES"]
+           "resolve_dtype", "FINETUNE_MODES", "with_shift"]
 
 FINETUNE_MODES = ("lora", "full")
 
@@ -131,6 +131,17 @@ def flow_match_schedule(scheduler: Any, num_steps: int, device: torch.device,
     else:
         sched.set_timesteps(sigmas=list(sigmas), device=device)
     return sched.timesteps.to(device, torch.float32), sched.sigmas.to(device, torch.float32)
+
+
+def with_shift(scheduler: Any, shift: float) -> Any:
+    """A copy of a flow-matching ``scheduler`` with its timestep shift set to ``shift`` (``shift`` of
+    ``FlowMatchEulerDiscreteScheduler``, ``flow_shift`` of a scheduler configured with ``use_flow_sigmas``)."""
+    cfg = scheduler.config
+    key = "shift" if "shift" in cfg else "flow_shift" if "flow_shift" in cfg else None
+    if key is None or not (shift > 0):
+        raise ValueError(f"model.scheduler_shift={shift!r}: {type(scheduler).__name__} has no flow-matching shift "
+                         "to set (or the value is not > 0); set model.scheduler_shift=null")
+    return type(scheduler).from_config(cfg, **{key: float(shift)})
 
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -420,6 +431,8 @@ def build_policy(model_cfg: Any, device: Optional[Union[str, torch.device]] = No
 
         pretrained = resolve_artifact("model", pretrained) or pretrained  # a world's name, e.g. 'shapes'
         pipe = family.load_pipeline(pretrained, torch_dtype=dtype)
+    if get("scheduler_shift", None) is not None:  # e.g. DanceGRPO's HunyuanVideo runs: --shift 5 (checkpoint: 7)
+        pipe.scheduler = with_shift(pipe.scheduler, get("scheduler_shift", None))
     finetune = get("finetune", "lora")
     if finetune == "full":
         logger.info("model.finetune=full: the whole denoiser is trained (model.lora_* are ignored)")

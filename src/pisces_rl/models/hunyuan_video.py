@@ -116,7 +116,7 @@ class HunyuanVideoFamily:
     def latent_shape(self, pipe: Any, batch_size: int, num_frames: int, height: int, width: int) -> Tuple[int, ...]:
         tf, sf = pipe.vae_scale_factor_temporal, pipe.vae_scale_factor_spatial
         cfg = pipe.transformer.config
-        if not isinstance(num_frames, int) or num_frames < 1 or (num_frames - 1) % (tf * cfg.patch_size_t):
+        if not isinstance(num_frames, int) or num_frames < 1 or (num_frames - 1) % tf:
             ok = [tf * k + 1 for k in range(1, 4)]
             raise ValueError(f"sampling.num_frames={num_frames!r} is invalid for HunyuanVideo: it must be {tf}k+1 "
                              f"(e.g. {ok}); set sampling.num_frames to one of these")
