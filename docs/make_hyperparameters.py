@@ -17,7 +17,7 @@ from pisces_rl.config import BackpropConfig, GRPOConfig, load_config, to_dict
 ROOT = Path(__file__).resolve().parents[1]
 PAGE, MARKER = ROOT / "docs" / "hyperparameters.md", "<!-- generated below: python docs/make_hyperparameters.py -->"
 GATE = ("the learning gate (`benchmarks/results/learning_gate.md`): GRPO with this setting raised ShapesBench on 3 of 3 seeds above its null control, the default did not")
-GROUPS = {"tiny": "tiny CPU", "shapes": "ShapesWorld CPU", "wan": "Wan GPU"}
+GROUPS = {"tiny": "tiny CPU", "shapes": "ShapesWorld CPU", "wan": "Wan GPU", "hunyuan": "HunyuanVideo GPU"}
 KEPT, TINY = "kept from the earlier recipe; not sourced", "test fixture (no source)"  # TINY: no scope of a tiny recipe
 UNUSED = {k: tuple(v.split()) for k, v in {  # key prefixes shown "(in parentheses)": not read by that kind of recipe
     "grpo": "nft.", "backprop": "sampling.train_timestep_fraction", "dataset": "sampling.eta sampling.sde_ "
@@ -146,6 +146,45 @@ SOURCES["train.learning_rate"].update({A14: f"{MILES}: `--lr 1e-4`), as {FG}'s W
                                        TI: NOT22 + SOURCES["train.learning_rate"]["wan"]})
 SOURCES.update({"sampling.width": SOURCES["sampling.height"], "rewards.eta": SOURCES["rewards.gamma"],
                 "rewards.weights.ot_semantic": SOURCES["rewards.weights.ot_quality"]})
+DGH = f"{DG} HunyuanVideo (`finetune_hunyuan_grpo.sh`, `train_grpo_hunyuan.py`)"
+HUNYUAN = {  # the HunyuanVideo GPU recipe's sources (scope "hunyuan")
+    "model.pretrained": f"the paper's long-video model; {DGH} and PISCES (`distill_hunyuan_grpo.sh`) train it",
+    "model.family": "the HunyuanVideoPipeline adapter (`models/hunyuan_video.py`)",
+    "model.finetune": f"LoRA for memory (13B); {DGH} and PISCES (`distill_grpo.py`) train fully: deliberate departure",
+    "model.lora_rank": f"not sourced for HunyuanVideo (no reference uses LoRA on it): {FG}'s Wan2.1 r 32, α 64",
+    "model.lora_alpha": f"not sourced for HunyuanVideo: {FG}'s Wan2.1 (α/r = 2)",
+    "model.scheduler_shift": f"{DGH} `--shift 5` (the checkpoint's scheduler: 7; PISCES 720p: `--shift 17`)",
+    "sampling.num_frames": f"{DGH} `--t 53` (the paper: 5 s @ 25 fps; PISCES 125 frames @ 720×1280)",
+    "sampling.height": f"{DGH} `--h 480 --w 480`", "sampling.width": f"{DGH} `--h 480 --w 480`",
+    "sampling.num_inference_steps": f"{DGH} `--sampling_steps 16`",
+    "sampling.guidance_scale": f"embedded guidance (distilled, one branch): {DGH} `guidance=6018` in rollouts and "
+        "training, 6016 in bf16 = 6.0×1000 in bf16; `HunyuanVideoPipeline` default 6.0",
+    "sampling.eta": f"{DGH} `--eta 0.25`; {PC} `distill_grpo.py` 0.25",
+    "sampling.sde_type": f"dance_grpo = {DGH} `flux_step` (`sde_solver=True`), std η·sqrt(Δσ)",
+    "sampling.train_timestep_fraction": f"{DGH} `--timestep_fraction 0.6`",
+    "sampling.max_sequence_length": "`HunyuanVideoPipeline` default 256 (Llama tokens after the template's crop)",
+    "rewards.encoder": "our BLIP-ITM stand-in for InternVideo2 (DESIGN §2): deliberate departure",
+    "rewards.ot_map": "fitted by `pisces-rl fit-ot-map` (last table)",
+    "rewards.num_frames": "paper: the OT map's 8-frame clips (WebVid10M)",
+    "rewards.temporal_windows": "ours: 53 frames as 4 windows of 8, averaged; not sourced",
+    "train.max_steps": f"{DGH} `--max_train_steps 202` (PISCES: 256)",
+    "train.prompts_per_step": f"one prompt per GPU: {DGH} `--train_batch_size 1`",
+    "train.num_generations": f"{DGH} `--num_generations 24` (its `--bestofn 8` subset is not implemented)",
+    "train.shared_group_noise": f"{DGH} `--use_same_noise`",
+    "train.train_batch_size": "× gradient_accumulation_steps = a process's 24 videos: one optimiser step per iteration",
+    "train.gradient_accumulation_steps": "see train_batch_size",
+    "train.learning_rate": f"not sourced for HunyuanVideo LoRA: {FG}'s Wan2.1 LoRA lr; full fine-tuning: {DGH} 1e-5, "
+        "PISCES `distill_hunyuan_grpo.sh` 1e-6",
+    "train.weight_decay": f"{DGH} `--weight_decay 0.0001`", "train.warmup_steps": f"{DGH} `--lr_warmup_steps 0`",
+    "train.epsilon": f"{DGH} `clip_range = 1e-4`, {PC}", "train.adv_clip_max": f"{DGH} `adv_clip_max = 5.0`",
+    "train.scale_rewards": f"each prompt's group std: {DGH} `--use_group`",
+    "train.max_grad_norm": f"{DGH} `--max_grad_norm 1.0`",
+    "data.prompts": f"{KEPT}; VBench is the paper's evaluation suite ({DG} trains on its own caption set)"}
+for _key, _text in HUNYUAN.items():
+    _entry = SOURCES.get(_key, "")
+    SOURCES[_key] = {**(_entry if isinstance(_entry, dict) else {"*": _entry} if _entry else {}), "hunyuan": _text}
+SOURCES["model.scheduler_shift"] = {**SOURCES["model.scheduler_shift"], "*": "null: the checkpoint's scheduler "
+                                    "config, as every reference but DanceGRPO's HunyuanVideo run"}
 BACKPROP = {  # the backprop table's sources where they differ from SOURCES
     "model.finetune": {"*": "LoRA (library default)", "wan": f"LoRA, as the released {REL} (r 256, α 32)"},
     "rewards.weights.ot_quality": f"paper §4; released {REL}: both reward weights and `--consistency_loss_weight` 1",
@@ -185,7 +224,9 @@ ENGINEERING = {"model.dtype": "memory/speed: dtype of the frozen weights", "mode
 
 
 def group(name: str) -> str:
-    return "wan" if name.endswith("_wan") or name.startswith(("grpo_wan", "backprop_wan")) else "shapes" if "shapes" in name else "tiny"
+    if name.endswith("_wan") or name.startswith(("grpo_wan", "backprop_wan")):
+        return "wan"
+    return "hunyuan" if "hunyuan" in name else "shapes" if "shapes" in name else "tiny"
 
 
 @functools.lru_cache(maxsize=None)
@@ -236,6 +277,8 @@ def source(key: str, table: str, name: str, cfg) -> str:
 
 def cell(values: dict, lead: bool) -> str:
     """``{recipe: text}`` as one cell: '**groups or recipes**: text' lines (``lead``) or 'text (recipes); ...'."""
+    if not values:
+        return "(no such recipe)"
     by_text: dict = {}
     for name, text in values.items():
         by_text.setdefault(text, []).append(name)

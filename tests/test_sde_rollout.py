@@ -452,8 +452,8 @@ def test_works_with_the_real_config_dataclasses():
 
 
 def test_shipped_recipes_use_their_sources_sde_type():
-    """The PISCES-paper Wan recipes sample like the PISCES code (DanceGRPO's ``flux_step``, eta 0.25); the CPU
-    recipes keep Flow-GRPO's noise, with which they have been run. Each config states the type explicitly."""
+    """The GPU recipes (Wan, HunyuanVideo) sample like the PISCES code and DanceGRPO (``flux_step``, eta 0.25); the
+    CPU recipes keep Flow-GRPO's noise, with which they have been run. Each config states the type explicitly."""
     import glob
     import os
 
@@ -466,4 +466,4 @@ def test_shipped_recipes_use_their_sources_sde_type():
         with open(path) as f:
             assert "\n  sde_type: " in f.read(), f"{name} does not state its sampling.sde_type"
         cfg = load_config(BackpropConfig if name.startswith("backprop") else GRPOConfig, path)
-        assert cfg.sampling.sde_type == ("dance_grpo" if "_wan" in name else "flow_grpo"), name
+        assert cfg.sampling.sde_type == ("flow_grpo" if name.endswith("_cpu.yaml") else "dance_grpo"), name

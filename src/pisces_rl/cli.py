@@ -270,6 +270,7 @@ def generate_videos(prompts: Sequence[str], model, sampling, lora: Optional[str]
     import torch
 
     from pisces_rl.models import VideoPolicy, get_family, resolve_dtype
+    from pisces_rl.models.base import with_shift
     from pisces_rl.rollout import sample_rollout
     from pisces_rl.trainer.model_card import is_hub_id
 
@@ -284,6 +285,8 @@ def generate_videos(prompts: Sequence[str], model, sampling, lora: Optional[str]
             from pisces_rl.worlds.shapes.build import resolve_world_name
             pretrained = resolve_world_name(pretrained, "model")
         pipe = family.load_pipeline(pretrained, torch_dtype=dtype)
+    if getattr(model, "scheduler_shift", None) is not None:  # as build_policy
+        pipe.scheduler = with_shift(pipe.scheduler, model.scheduler_shift)
     if lora:
         if not os.path.exists(lora) and not is_hub_id(lora):
             raise FileNotFoundError(f"--lora {lora!r} is neither an existing folder nor a hub id 'org/name'; "

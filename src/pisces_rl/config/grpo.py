@@ -85,6 +85,8 @@ class ModelConfig(ConfigBase):
                                             "names of the denoiser's linear layers that get LoRA adapters")
     lora_path: Optional[str] = option(None, "saved LoRA weights to start from (null = fresh adapters)")
     gradient_checkpointing: bool = option(False, "recompute denoiser activations in backward to save memory")
+    scheduler_shift: Optional[float] = option(None, "flow-matching timestep shift of the pipeline's scheduler "
+                                                    "(null = the checkpoint's scheduler config)")
     seed: int = option(0, "seed of the tiny in-code model's random weights")
 
     def _check(self) -> None:
@@ -92,6 +94,8 @@ class ModelConfig(ConfigBase):
         _check_source("pretrained", self.pretrained, MODEL_SOURCES, "pipeline directory", kind="model")
         _check_source("lora_path", self.lora_path, (), "LoRA directory or file")
         require(self.family.strip() != "", "family", "is empty; use 'wan'")
+        s = self.scheduler_shift
+        require(s is None or (math.isfinite(s) and s > 0), "scheduler_shift", f"must be > 0 or null, got {s}")
         _positive(self, "lora_rank", "lora_alpha")
         require(bool(self.lora_target_modules) and all(m.strip() for m in self.lora_target_modules),
                 "lora_target_modules", "must list at least one non-empty module name, e.g. [to_q,to_k,to_v]")
@@ -109,7 +113,9 @@ class SamplingConfig(ConfigBase):
     height: int = option(32, "video height in pixels (Wan: multiple of 16)")
     width: int = option(32, "video width in pixels (Wan: multiple of 16)")
     num_inference_steps: int = option(6, "denoising steps per rollout")
-    guidance_scale: float = option(4.0, "classifier-free guidance scale (<= 1 disables the unconditional pass)")
+    guidance_scale: float = option(4.0, "classifier-free guidance scale (<= 1 disables the unconditional pass); for a "
+                                        "guidance-distilled family (hunyuan_video) the embedded guidance fed to the "
+                                        "denoiser, one pass")
     eta: float = option(0.25, "SDE noise level of the sampler (> 0; larger = more exploration)")
     sde_type: str = option("flow_grpo", "SDE noise per step: flow_grpo = eta*sqrt(sigma/(1-sigma))*sqrt(dsigma) "
                                         "(Flow-GRPO), dance_grpo = eta*sqrt(dsigma) (DanceGRPO, the PISCES code)",

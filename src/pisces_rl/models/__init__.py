@@ -12,9 +12,11 @@ from .base import (FINETUNE_MODES, ModelFamily, VideoPolicy, build_policy, flow_
 from .lora import UpdateRatio, save_denoiser
 from .tiny import build_tiny_tokenizer, build_tiny_wan22_pipeline, build_tiny_wan_pipeline
 from .wan import WanFamily
+from .hunyuan_video import HunyuanVideoFamily
+from .hunyuan_video_tiny import build_tiny_hunyuan_video_pipeline
 
 __all__ = [
     "VideoPolicy", "build_policy", "build_tiny_wan_pipeline", "build_tiny_wan22_pipeline", "build_tiny_tokenizer", "ModelFamily", "WanFamily",
     "register_family", "get_family", "flow_match_schedule", "resolve_dtype", "FINETUNE_MODES", "UpdateRatio",
-    "save_denoiser",
+    "save_denoiser", "HunyuanVideoFamily", "build_tiny_hunyuan_video_pipeline",
 ]

@@ -20,7 +20,7 @@ import torch.utils.checkpoint
 from . import lora as _lora
 
 __all__ = ["ModelFamily", "register_family", "get_family", "flow_match_schedule", "VideoPolicy", "build_policy",
-           "resolve_dtype", "FINETUNE_MODES"]
+           "resolve_dtype", "FINETUNE_MODES", "with_shift"]
 
 FINETUNE_MODES = ("lora", "full")
 
@@ -28,7 +28,13 @@ logger = logging.getLogger(__name__)
 
 
 class ModelFamily(Protocol):
-    """What the policy needs from a pipeline family. Implementations are stateless."""
+    """What the policy needs from a pipeline family. Implementations are stateless.
+
+    ``guidance`` (optional class attribute, default ``"cfg"``) says what ``sampling.guidance_scale`` means:
+    ``"cfg"``: classifier-free guidance, two denoiser branches ``v_u + g (v_c - v_u)`` when ``g > 1``;
+    ``"embedded"``: a guidance-distilled denoiser (e.g. HunyuanVideo) that takes the scale as an input: one
+    branch, no negative prompt, and the policy calls ``forward(..., guidance=g)``.
+    """
 
     name: str
 
@@ -61,7 +67,8 @@ class ModelFamily(Protocol):
     def forward(self, pipe: Any, denoiser: Callable, latents: torch.Tensor, timestep: torch.Tensor,
                 prompt_embeds: torch.Tensor) -> torch.Tensor:
         """One denoiser call: ``latents [B, C, F, h, w]`` (denoiser dtype), ``timestep [B]`` -> velocity
-        ``dx/dsigma = eps - x0`` ``[B, C, F, h, w]``."""
+        ``dx/dsigma = eps - x0`` ``[B, C, F, h, w]``. A ``guidance = "embedded"`` family also takes
+        ``guidance: float`` (the embedded guidance scale) as a keyword argument."""
 
     def decode(self, pipe: Any, latents: torch.Tensor) -> torch.Tensor:
         """``[B, C, F, h, w]`` latents -> ``[B, F, C, H, W]`` videos in [0, 1] (differentiable)."""
@@ -112,8 +119,13 @@ def get_family(name: str, options: Optional[Dict[str, Any]] = None) -> ModelFami
     return cls(**options)
 
 
-def flow_match_schedule(scheduler: Any, num_steps: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+def flow_match_schedule(scheduler: Any, num_steps: int, device: torch.device,
+                        sigmas: Optional[Sequence[float]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Flow-matching ``(timesteps [T], sigmas [T+1])`` from a pipeline's scheduler, respecting its shift.
+
+    ``sigmas`` (``[T]``, unshifted) is passed to ``set_timesteps(sigmas=...)`` as pipelines that choose their
+    own grid do (e.g. ``HunyuanVideoPipeline``: ``np.linspace(1, 0, T + 1)[:-1]``); the scheduler shifts them
+    and appends the terminal 0. ``None``: the scheduler's default grid for ``num_steps``.
 
     A ``FlowMatchEulerDiscreteScheduler`` is used as configured. A multistep scheduler configured for
     flow sigmas (e.g. Wan checkpoints' ``UniPCMultistepScheduler(use_flow_sigmas=True, flow_shift=s)``) is
@@ -136,8 +148,22 @@ def flow_match_schedule(scheduler: Any, num_steps: int, device: torch.device) ->
     if sched.config.get("use_dynamic_shifting", False) or sched.config.get("invert_sigmas", False):
         raise ValueError("schedulers with use_dynamic_shifting or invert_sigmas are not supported; "
                          "set a fixed `shift` in the scheduler config")
-    sched.set_timesteps(num_steps, device=device)
+    if sigmas is None:
+        sched.set_timesteps(num_steps, device=device)
+    else:
+        sched.set_timesteps(sigmas=list(sigmas), device=device)
     return sched.timesteps.to(device, torch.float32), sched.sigmas.to(device, torch.float32)
+
+
+def with_shift(scheduler: Any, shift: float) -> Any:
+    """A copy of a flow-matching ``scheduler`` with its timestep shift set to ``shift`` (``shift`` of
+    ``FlowMatchEulerDiscreteScheduler``, ``flow_shift`` of a scheduler configured with ``use_flow_sigmas``)."""
+    cfg = scheduler.config
+    key = "shift" if "shift" in cfg else "flow_shift" if "flow_shift" in cfg else None
+    if key is None or not (shift > 0):
+        raise ValueError(f"model.scheduler_shift={shift!r}: {type(scheduler).__name__} has no flow-matching shift "
+                         "to set (or the value is not > 0); set model.scheduler_shift=null")
+    return type(scheduler).from_config(cfg, **{key: float(shift)})
 
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -201,7 +227,7 @@ class VideoPolicy:
         self.finetune = finetune
         self.dtype = dtype
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        for name in ("text_encoder", "vae", "transformer"):
+        for name in ("text_encoder", "text_encoder_2", "vae", "transformer"):
             module = getattr(pipeline, name, None)
             if module is not None:
                 module.requires_grad_(False)
@@ -313,6 +339,12 @@ class VideoPolicy:
                              "whole denoiser (use save_weights / the saved 'transformer' folder)")
 
     # ------------------------------------------------------------ model calls
+    @property
+    def embedded_guidance(self) -> bool:
+        """True for a guidance-distilled family (``family.guidance == "embedded"``): ``guidance_scale`` is an
+        input of the one denoiser branch, never a second (negative-prompt) branch."""
+        return getattr(self.family, "guidance", "cfg") == "embedded"
+
     def latent_shape(self, batch_size: int, num_frames: int, height: int, width: int) -> Tuple[int, ...]:
         """``(B, C, F, h, w)``; raises ``ValueError`` for a frame count or size the family cannot produce."""
         return self.family.latent_shape(self.pipeline, batch_size, num_frames, height, width)
@@ -323,9 +355,11 @@ class VideoPolicy:
 
     def encode_prompts(self, prompts: List[str], negative_prompt: str = "", do_cfg: bool = False,
                        max_sequence_length: int = 512) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """``(prompt_embeds [B, L, D], negative_prompt_embeds [B, L, D] or None)`` in the policy dtype."""
+        """``(prompt_embeds [B, L, D], negative_prompt_embeds [B, L, D] or None)`` in the policy dtype
+        (``None`` always for an embedded-guidance family: it has no negative branch)."""
         if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts) or not prompts:
             raise ValueError("prompts must be a non-empty list of strings")
+        do_cfg = do_cfg and not self.embedded_guidance
         return self.family.encode_prompts(self.pipeline, list(prompts), negative_prompt, do_cfg,
                                           max_sequence_length, self.device, self.dtype)
 
@@ -334,7 +368,8 @@ class VideoPolicy:
                          guidance_scale: float = 1.0) -> torch.Tensor:
         """Guided velocity ``v = v_u + g * (v_c - v_u)`` (plain ``v_c`` without CFG), float32. ``g`` is
         ``guidance_scale``, or per video where the family has ``guidance_scales`` (Wan 2.2 A14B's
-        ``guidance_scale_2`` below its expert boundary).
+        ``guidance_scale_2`` below its expert boundary). For an embedded-guidance family
+        (:attr:`embedded_guidance`) one branch ``v_c(guidance=g)``; negative embeddings must then be None.
 
         Args:
             latents: ``[B, C, F, h, w]`` (any dtype; cast to the policy dtype for the denoiser).
@@ -355,6 +390,12 @@ class VideoPolicy:
             prompt_embeds = prompt_embeds.to(dtype)
             negative_prompt_embeds = None if negative_prompt_embeds is None else negative_prompt_embeds.to(dtype)
         x = latents.to(dtype)
+        if self.embedded_guidance:
+            if negative_prompt_embeds is not None:
+                raise ValueError(f"model family {self.family.name!r} is guidance-distilled (embedded guidance): "
+                                 "it has no negative branch; pass negative_prompt_embeds=None")
+            return self.family.forward(self.pipeline, denoiser, x, t, prompt_embeds,
+                                       guidance=float(guidance_scale)).float()
         if negative_prompt_embeds is not None and guidance_scale > 1.0:
             out = self.family.forward(self.pipeline, denoiser, torch.cat([x, x]), torch.cat([t, t]),
                                       torch.cat([negative_prompt_embeds, prompt_embeds]))
@@ -429,6 +470,8 @@ def build_policy(model_cfg: Any, device: Optional[Union[str, torch.device]] = No
 
         pretrained = resolve_artifact("model", pretrained) or pretrained  # a world's name, e.g. 'shapes'
         pipe = family.load_pipeline(pretrained, torch_dtype=dtype)
+    if get("scheduler_shift", None) is not None:  # e.g. DanceGRPO's HunyuanVideo runs: --shift 5 (checkpoint: 7)
+        pipe.scheduler = with_shift(pipe.scheduler, get("scheduler_shift", None))
     finetune = get("finetune", "lora")
     if finetune == "full":
         logger.info("model.finetune=full: the whole denoiser is trained (model.lora_* are ignored)")

@@ -184,7 +184,7 @@ class GRPOTrainer(TrainerBase):
         sigmas = rollout.sigmas.to(x.device)
         timesteps = torch.cat([rollout.timesteps, rollout.timesteps.new_zeros(1)]).to(x.device)  # t(σ_min) = 0
         sigma, sigma_min = sigmas[j], sigmas[-1].expand(len(j))
-        negative = rollout.negative_prompt_embeds[mb] if g > 1 else None
+        negative = None if g <= 1 or rollout.negative_prompt_embeds is None else rollout.negative_prompt_embeds[mb]
         cond = (rollout.prompt_embeds[mb], negative, g)
         target = consistency_target(self.policy, x, sigma, sigmas[j + 1], sigma_min, timesteps[j],
                                     timesteps[j + 1], cond, ema=self.ema)
@@ -196,7 +196,8 @@ class GRPOTrainer(TrainerBase):
         super()._setup_optimizer(total_optimizer_steps)
         t = self.config.train
         self.cd_guidance = self.config.sampling.guidance_scale if t.cd_guidance_scale is None else t.cd_guidance_scale
-        if t.cd_weight > 0 and self.cd_guidance > 1 and self.config.sampling.guidance_scale <= 1:
+        if (t.cd_weight > 0 and self.cd_guidance > 1 and self.config.sampling.guidance_scale <= 1
+                and not self.policy.embedded_guidance):
             raise ConfigError(f"{self.cd_guidance} > 1 needs the negative prompt embeddings of CFG sampling, but "
                               "sampling.guidance_scale <= 1 records none; set it to 1 or null", "train.cd_guidance_scale")
         self.ema = None
