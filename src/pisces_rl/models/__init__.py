@@ -12,9 +12,10 @@ from .base import (FINETUNE_MODES, ModelFamily, VideoPolicy, build_policy, flow_
 from .lora import UpdateRatio, save_denoiser
 from .tiny import build_tiny_tokenizer, build_tiny_wan_pipeline
 from .wan import WanFamily
+from .cogvideox import CogVideoXFamily, build_tiny_cogvideox_pipeline
 
 __all__ = [
-    "VideoPolicy", "build_policy", "build_tiny_wan_pipeline", "build_tiny_tokenizer", "ModelFamily", "WanFamily",
+    "VideoPolicy", "build_policy", "build_tiny_wan_pipeline", "build_tiny_cogvideox_pipeline", "CogVideoXFamily", "build_tiny_tokenizer", "ModelFamily", "WanFamily",
     "register_family", "get_family", "flow_match_schedule", "resolve_dtype", "FINETUNE_MODES", "UpdateRatio",
     "save_denoiser",
 ]
