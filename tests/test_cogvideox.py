@@ -217,7 +217,8 @@ def test_saved_lora_loads_into_the_plain_pipeline(tmp_path):
 @pytest.mark.distributed
 def test_recipe_two_processes_deepspeed_zero2(tmp_path):
     """The long-video GRPO recipe on 2 CPU processes under DeepSpeed ZeRO-2 with the tiny CogVideoX (a family
-    other than Wan): two optimiser steps, the saved LoRA moved away from its B = 0 start, a checkpoint written."""
+    other than Wan): two iterations, the saved LoRA moved away from its B = 0 start, and the checkpoint's two ZeRO-2
+    optimiser shards (one per rank, each half of the fp32 LoRA) hold exactly the weights rank 0 saved."""
     args = ["--config", "recipes/configs/grpo_long_video_tiny_cpu.yaml", "model.family=cogvideox",
             "train.max_steps=2", "train.prompts_per_step=2", "train.num_generations=2", "train.sample_batch_size=1",
             "train.train_batch_size=1", "sampling.num_inference_steps=4", "sampling.num_frames=9",
@@ -233,4 +234,11 @@ def test_recipe_two_processes_deepspeed_zero2(tmp_path):
     assert weights and all(4 in t.shape for t in weights.values())
     moved = [k for k, t in weights.items() if "lora_B" in k and t.abs().max() > 0]
     assert moved, "the saved LoRA B matrices are still zero: training did not move the adapter"
-    assert list((tmp_path / "checkpoints").glob("checkpoint-000002"))
+    # ZeRO-2: each rank's optimiser updated its own half of the fp32 LoRA; together they are the weights rank 0 saved
+    ckpt = tmp_path / "checkpoints" / "checkpoint-000002" / "pytorch_model"
+    shards = [torch.load(ckpt / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt", map_location="cpu",
+                         weights_only=False)["optimizer_state_dict"]["single_partition_of_fp32_groups"] for r in (0, 1)]
+    saved = torch.cat([t.flatten() for t in weights.values()])
+    master = torch.cat([part.detach() for shard in shards for part in shard])[:saved.numel()]
+    assert all(part.abs().max() > 0 for shard in shards for part in shard), "a rank's shard is empty"
+    assert torch.equal(master.sort().values, saved.sort().values), "the ranks' shards disagree with the saved LoRA"

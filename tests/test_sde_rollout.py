@@ -466,4 +466,5 @@ def test_shipped_recipes_use_their_sources_sde_type():
         with open(path) as f:
             assert "\n  sde_type: " in f.read(), f"{name} does not state its sampling.sde_type"
         cfg = load_config(BackpropConfig if name.startswith("backprop") else GRPOConfig, path)
-        assert cfg.sampling.sde_type == ("dance_grpo" if "_wan" in name else "flow_grpo"), name
+        gpu = "_wan" in name or "_cogvideox" in name  # TODO(lead): cogvideox -> ddim once fam-ddim is merged
+        assert cfg.sampling.sde_type == ("dance_grpo" if gpu else "flow_grpo"), name

@@ -15,7 +15,8 @@ from .wan import WanFamily
 from .cogvideox import CogVideoXFamily, build_tiny_cogvideox_pipeline
 
 __all__ = [
-    "VideoPolicy", "build_policy", "build_tiny_wan_pipeline", "build_tiny_cogvideox_pipeline", "CogVideoXFamily", "build_tiny_tokenizer", "ModelFamily", "WanFamily",
+    "VideoPolicy", "build_policy", "build_tiny_wan_pipeline", "build_tiny_cogvideox_pipeline", "build_tiny_tokenizer",
+    "ModelFamily", "WanFamily", "CogVideoXFamily",
     "register_family", "get_family", "flow_match_schedule", "resolve_dtype", "FINETUNE_MODES", "UpdateRatio",
     "save_denoiser",
 ]

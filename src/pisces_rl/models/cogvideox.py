@@ -18,9 +18,9 @@ What follows diffusers 0.42.1 ``pipelines/cogvideo/pipeline_cogvideox.py`` (``Co
   ``use_rotary_positional_embeddings`` (CogVideoX-5b, 1.5), recomputed for each latent size;
 * CogVideoX 1.5 (``patch_size_t = 2``): the pipeline pads the latent frames at the front to a multiple of
   ``patch_size_t`` and drops the padding before decoding. With ``num_frames = 8k + 1`` (CogVideo's own fine-tuning
-  requires it too: ``finetune/schemas/args.py``) ``F`` is odd and always padded by one frame: :meth:`latent_shape` includes the ``patch_size_t − 1`` padding frames,
-  :meth:`decode` drops them, :meth:`encode` fills them with copies of the first latent frame (CogVideo
-  ``finetune/models/cogvideox_t2v/lora_trainer.py``, ``compute_loss``);
+  requires it too: ``finetune/schemas/args.py``) ``F`` is odd and always padded by one frame: :meth:`latent_shape`
+  includes the ``patch_size_t − 1`` padding frames, :meth:`decode` drops them, :meth:`encode` fills them with copies
+  of the first latent frame (CogVideo ``finetune/models/cogvideox_t2v/lora_trainer.py``, ``compute_loss``);
 * ``ofs`` embeddings (only CogVideoX1.5-5B-I2V has ``ofs_embed_dim``): passed as ``2.0``, as
   ``pipeline_cogvideox_image2video.py`` does; the T2V pipeline never passes them;
 * VAE: ``decode`` divides by ``vae.config.scaling_factor`` (``decode_latents``); ``encode`` is the posterior
@@ -29,6 +29,10 @@ What follows diffusers 0.42.1 ``pipelines/cogvideo/pipeline_cogvideox.py`` (``Co
   ``vp_velocity`` is affine in the output, so guiding velocities is guiding ``v̂``). The pipeline's optional
   ``use_dynamic_cfg`` (a guidance scale that changes per step) is not supported: the guidance scale is constant,
   which is the pipeline's default;
+* schedule: the checkpoints' ``timestep_spacing="trailing"`` over 1000 training steps is DDIM's own grid (each
+  step's previous timestep is the next grid point) only for step counts dividing 1000 (4, 10, 20, 25, 50, ...);
+  ``vp_flow_schedule`` refuses others. Zero terminal SNR (``rescale_betas_zero_snr``) puts the first step at
+  σ = 1, so the sampler's N(0, I) start is the pipeline's initial latents;
 * T5 prompts padded to ``max_sequence_length`` tokens: 226 for the real checkpoints. With the 2b's sin-cos
   position embeddings the text length must equal ``transformer.config.max_text_seq_length`` (an error says so).
 
