@@ -4,6 +4,7 @@ saved LoRA loads into the plain pipeline, and the 2-process ZeRO-2 recipe."""
 from __future__ import annotations
 
 import json
+import re
 from types import SimpleNamespace
 
 import datasets
@@ -186,6 +187,13 @@ def test_grpo_and_backprop_steps_move_only_the_lora(tmp_path):
     metrics = trainer.train()
     assert np.isfinite(metrics["train/loss"])
     assert_only_lora_moved(before, trainer.policy.transformer)
+    card = (tmp_path / "grpo" / "lora" / "README.md").read_text()  # the model card's snippet runs for this family
+    code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    scope: dict = {}
+    exec(compile("\n".join(ln for ln in code.splitlines() if not ln.startswith("export_to_video")), "card", "exec"),
+         scope)  # noqa: S102
+    assert isinstance(scope["pipe"], CogVideoXPipeline) and scope["pipe"].get_list_adapters()["transformer"]
+    assert len(scope["video"]) == 9
 
     rng = np.random.default_rng(0)  # direct backprop from data: videos -> encode -> one-step jump -> decode -> reward
     data = datasets.Dataset.from_dict({"video": rng.integers(0, 256, (2, 9, 16, 16, 3), dtype=np.uint8),
