@@ -17,7 +17,8 @@ from pisces_rl.config import BackpropConfig, GRPOConfig, load_config, to_dict
 ROOT = Path(__file__).resolve().parents[1]
 PAGE, MARKER = ROOT / "docs" / "hyperparameters.md", "<!-- generated below: python docs/make_hyperparameters.py -->"
 GATE = ("the learning gate (`benchmarks/results/learning_gate.md`): GRPO with this setting raised ShapesBench on 3 of 3 seeds above its null control, the default did not")
-GROUPS = {"tiny": "tiny CPU", "shapes": "ShapesWorld CPU", "wan": "Wan GPU", "hunyuan": "HunyuanVideo GPU"}
+GROUPS = {"tiny": "tiny CPU", "shapes": "ShapesWorld CPU", "wan": "Wan GPU", "hunyuan": "HunyuanVideo GPU",
+          "cogvideox": "CogVideoX GPU"}
 KEPT, TINY = "kept from the earlier recipe; not sourced", "test fixture (no source)"  # TINY: no scope of a tiny recipe
 UNUSED = {k: tuple(v.split()) for k, v in {  # key prefixes shown "(in parentheses)": not read by that kind of recipe
     "grpo": "nft.", "backprop": "sampling.train_timestep_fraction", "dataset": "sampling.eta sampling.sde_ "
@@ -32,7 +33,7 @@ SOURCES = {
     "model.pretrained": {"tiny": "random tiny Wan built in code", "shapes": "the ShapesWorld base model (`make world`, "
         f"DESIGN §3)", "wan": f"the Wan2.1 model of {FG} (`config/grpo.py` `general_ocr_wan2_1`) and {DG} "
         "(`finetune_wan_2_1_grpo.sh`); the paper: VideoCrafter2, HunyuanVideo"},
-    "model.family": "the one pipeline adapter shipped; the tiny and ShapesWorld models are `WanPipeline`s too",
+    "model.family": "the Wan adapter (`models/wan.py`); the tiny and ShapesWorld models are `WanPipeline`s too",
     "model.finetune": {"*": "LoRA (library default)", "wan": f"LoRA as {FG}'s Wan run (`scripts/train_wan2_1.py`); the "
         "paper's GRPO trains fully (`distill_hunyuan_grpo.sh`): deliberate departure"},
     "model.lora_rank": {"shapes": KEPT, "wan": f"{FG} `scripts/train_wan2_1.py` (r 32, α 64, Gaussian init)"},
@@ -185,6 +186,37 @@ for _key, _text in HUNYUAN.items():
     SOURCES[_key] = {**(_entry if isinstance(_entry, dict) else {"*": _entry} if _entry else {}), "hunyuan": _text}
 SOURCES["model.scheduler_shift"] = {**SOURCES["model.scheduler_shift"], "*": "null: the checkpoint's scheduler "
                                     "config, as every reference but DanceGRPO's HunyuanVideo run"}
+CG, CVC = "CogVideo `finetune/schemas/args.py`", "the CogVideoX-2b model card"
+COGVIDEOX = {  # the CogVideoX GPU recipe's sources (scope "cogvideox"), merged into SOURCES below
+    "model.pretrained": "the CogVideoX-2b T2V model card (diffusers `CogVideoXPipeline`, `CogVideoXDDIMScheduler`); "
+        "the paper: VideoCrafter2, HunyuanVideo",
+    "model.family": "the CogVideoX adapter (`models/cogvideox.py`)",
+    "model.lora_rank": f"{FG} `scripts/train_wan2_1.py` (r 32, α 64), the video GRPO LoRA; {CG} LoRA SFT: r 128, α 64",
+    "model.lora_target_modules": f"attention q/k/v/out: {CG} `target_modules`",
+    "sampling.num_frames": f"{CVC} (49 = 6 s × 8 fps + 1; the transformer's `sample_frames`)",
+    "sampling.height": f"{CVC} (720×480 only)",
+    "sampling.num_inference_steps": "diffusers `CogVideoXPipeline.__call__` default and the model card example (50)",
+    "sampling.guidance_scale": "diffusers `CogVideoXPipeline.__call__` default and the model card example (6; dynamic "
+        "CFG off)",
+    "sampling.sde_type": f"dance_grpo = {PC} `distill_grpo.py` ({DG} `flux_step`) until the DDIM noise type (DDPO, for "
+        "VP models) is merged",
+    "sampling.train_timestep_fraction": f"not sourced: 15 of the 49 SDE steps, for cost ({FG} Wan 0.99, {DG} Wan 0.6)",
+    "sampling.max_sequence_length": "diffusers `CogVideoXPipeline` default = the transformer's `max_text_seq_length`",
+    "rewards.encoder": SOURCES["rewards.encoder"]["wan"], "rewards.ot_map": SOURCES["rewards.ot_map"]["wan"],
+    "rewards.num_frames": SOURCES["rewards.num_frames"]["wan"],
+    "rewards.temporal_windows": "ours: 49 frames as 4 windows of 8, averaged; not sourced",
+    "train.max_steps": SOURCES["train.max_steps"]["wan"],
+    "train.prompts_per_step": "not sourced: the Wan long-video recipe's batch",
+    "train.num_generations": f"not sourced ({PC}: G = 16)",
+    "train.train_batch_size": "not sourced; × gradient_accumulation_steps = one optimiser step per iteration",
+    "train.gradient_accumulation_steps": "see train_batch_size",
+    "train.learning_rate": f"{FG} `config/grpo.py` `general_ocr_wan2_1` (video LoRA r 32, α 64); no video GRPO code "
+        f"trains CogVideoX. {CG} LoRA SFT: 2e-5 at r 128, α 64",
+    "data.prompts": SOURCES["data.prompts"]["wan"]}
+COGVIDEOX.update({"model.lora_alpha": COGVIDEOX["model.lora_rank"], "sampling.width": COGVIDEOX["sampling.height"]})
+for _key, _text in COGVIDEOX.items():
+    _entry = SOURCES.get(_key, "")
+    SOURCES[_key] = {**(_entry if isinstance(_entry, dict) else {"*": _entry}), "cogvideox": _text}
 BACKPROP = {  # the backprop table's sources where they differ from SOURCES
     "model.finetune": {"*": "LoRA (library default)", "wan": f"LoRA, as the released {REL} (r 256, α 32)"},
     "rewards.weights.ot_quality": f"paper §4; released {REL}: both reward weights and `--consistency_loss_weight` 1",
@@ -226,7 +258,8 @@ ENGINEERING = {"model.dtype": "memory/speed: dtype of the frozen weights", "mode
 def group(name: str) -> str:
     if name.endswith("_wan") or name.startswith(("grpo_wan", "backprop_wan")):
         return "wan"
-    return "hunyuan" if "hunyuan" in name else "shapes" if "shapes" in name else "tiny"
+    return ("hunyuan" if "hunyuan" in name else "cogvideox" if "_cogvideox" in name else "shapes" if "shapes" in name
+            else "tiny")
 
 
 @functools.lru_cache(maxsize=None)
@@ -345,8 +378,9 @@ def render(head: str) -> str:
         header = ["key", *[f"`{n}`" for n in recipes()[table]], "source"]
         out += [f"## {title}", ""] + [line for section, rows in table_rows(table, eng).items()
                                       for line in [f"### {section}", "", *markdown_table(header, rows), ""]]
-    eng_rows = [[f"`{k}`", role(k, "backprop"), *[cell({n: t for n, t in v.items() if group(n) == g}, False)
-                                                   for g in GROUPS]] for k, v in eng.items()]
+    eng_rows = [[f"`{k}`", role(k, "backprop"), *[cell(of_group, False) if of_group else "—" for of_group in
+                                                   ({n: t for n, t in v.items() if group(n) == g} for g in GROUPS)]]
+                for k, v in eng.items()]  # "—": no recipe of that group has the key
     return "\n".join(out + [
         "## Engineering settings", "", "These change memory, speed, logging or output, not what is optimised.", "",
         *markdown_table(["key", "what it changes", *GROUPS.values()], eng_rows), "", "## OT map fitting", "",

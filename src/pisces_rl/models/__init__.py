@@ -14,9 +14,11 @@ from .tiny import build_tiny_tokenizer, build_tiny_wan22_pipeline, build_tiny_wa
 from .wan import WanFamily
 from .hunyuan_video import HunyuanVideoFamily
 from .hunyuan_video_tiny import build_tiny_hunyuan_video_pipeline
+from .cogvideox import CogVideoXFamily, build_tiny_cogvideox_pipeline
 
 __all__ = [
-    "VideoPolicy", "build_policy", "build_tiny_wan_pipeline", "build_tiny_wan22_pipeline", "build_tiny_tokenizer", "ModelFamily", "WanFamily",
+    "VideoPolicy", "build_policy", "build_tiny_wan_pipeline", "build_tiny_wan22_pipeline", "build_tiny_tokenizer",
+    "ModelFamily", "WanFamily", "CogVideoXFamily", "build_tiny_cogvideox_pipeline",
     "register_family", "get_family", "flow_match_schedule", "resolve_dtype", "FINETUNE_MODES", "UpdateRatio",
     "save_denoiser", "HunyuanVideoFamily", "build_tiny_hunyuan_video_pipeline",
 ]

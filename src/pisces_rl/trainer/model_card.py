@@ -53,17 +53,18 @@ def _num(v: Any) -> str:
 
 
 def _load_snippet(base_model: str, pipeline_class: str, lora: str, prompt: str, sampling: Mapping[str, Any],
-                  fps: int) -> str:
-    if base_model == "tiny":
-        load = ("from pisces_rl.models import build_tiny_wan_pipeline\n\n"
-                "pipe = build_tiny_wan_pipeline(seed=0)  # the random tiny test model, built in code")
+                  fps: int, model: Mapping[str, Any]) -> str:
+    if base_model == "tiny":  # the model.family's tiny pipeline, e.g. build_tiny_wan_pipeline
+        load = ("from pisces_rl.models import get_family\n\n"
+                f"pipe = get_family({str(model.get('family', 'wan'))!r}).build_tiny_pipeline(seed="
+                f"{model.get('seed', 0)})  # the random tiny test model, built in code")
     elif base_model == "shapes":
         load = ("from pisces_rl.registry import resolve_artifact\n\n"
                 f"pipe = {pipeline_class}.from_pretrained(resolve_artifact('model', 'shapes'))  # the ShapesWorld model")
     else:
         load = f'pipe = {pipeline_class}.from_pretrained("{base_model}", torch_dtype=torch.bfloat16).to("cuda")'
     call = ", ".join(f"{k}={sampling[k]!r}" for k in ("num_frames", "height", "width", "num_inference_steps",
-                                                      "guidance_scale") if k in sampling)
+                                                      "guidance_scale", "max_sequence_length") if k in sampling)
     return (f"```python\nimport torch\nfrom diffusers import {pipeline_class}\nfrom diffusers.utils import "
             f"export_to_video\n{load}\npipe.load_lora_weights(\"{lora}\")\n\n"
             f"video = pipe({prompt!r}, {call}).frames[0]\nexport_to_video(video, \"video.mp4\", fps={fps})\n```")
@@ -119,7 +120,7 @@ def write_model_card(directory: str, *, base_model: str, pipeline_class: str, tr
                   f"![base vs trained]({sample_name})" if sample_name.endswith(".gif")
                   else f'<video src="{sample_name}" controls autoplay loop muted></video>', ""]
     lines += ["## Use it with 🧨 diffusers", "",
-              _load_snippet(base_model, pipeline_class, where, prompt, sampling, fps), "",
+              _load_snippet(base_model, pipeline_class, where, prompt, sampling, fps, model), "",
               "Or with the pisces_rl command line, whose sampler is the one of the run's evaluation (η = 0): the "
               f"evaluation prompts, in order, with `--seed {train.get('seed', 0)} --batch-size "
               f"{train.get('sample_batch_size', 1)}` reproduce the sample above.", "",
