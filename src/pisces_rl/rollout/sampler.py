@@ -11,7 +11,7 @@ initial noise per group, every difference between a group's videos then comes fr
 steps, instead of from noise the policy gradient cannot credit. ``None`` makes every step stochastic.
 
 Noise parametrisation (``sampling.sde_type``, recorded in ``Rollout.sde_type`` and used again when re-scoring):
-``"flow_grpo"`` or ``"dance_grpo"``, see :mod:`pisces_rl.rollout.sde`.
+``"flow_grpo"``, ``"dance_grpo"`` or ``"ddim"`` (DDPO's stochastic DDIM step), see :mod:`pisces_rl.rollout.sde`.
 
 Trained steps: only stochastic steps (``eta > 0``, inside the SDE window, and ``sigma_next > 0``, i.e.
 not the last of the T steps) have a log-probability. Of those ``T_s`` steps each video trains on
