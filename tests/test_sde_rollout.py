@@ -316,6 +316,21 @@ def test_rescore_with_the_same_weights_gives_ratio_one(sde_type):
     assert (ref.log_prob - old).abs().max() > 1e-4, "the reference (LoRA off) model must score differently"
 
 
+def test_auto_sde_type_is_the_familys_choice():
+    """sampling.sde_type = "auto" (the config default) samples with the family's ``sde_type`` (Wan: flow_grpo) and
+    records it resolved; explicit values win; an unknown value is refused with the choices."""
+    from pisces_rl.models import WanFamily
+    from pisces_rl.rollout import resolve_sde_type
+
+    policy = tuned_policy()
+    r = sample_rollout(policy, PROMPTS, sampling_cfg(num_inference_steps=2, sde_type="auto"), generator=gen(),
+                       decode=False)
+    assert r.sde_type == WanFamily.sde_type == "flow_grpo"
+    assert resolve_sde_type("ddim", WanFamily()) == "ddim" and resolve_sde_type("auto", None) == "flow_grpo"
+    with pytest.raises(ValueError, match="'auto', 'flow_grpo'"):
+        resolve_sde_type("dance", WanFamily())
+
+
 def test_sde_window_injects_noise_only_inside_and_trains_only_there():
     """sde_window=[1, 3] on 5 steps: steps 0, 3, 4 are ODE steps (log-prob 0, never trained), and videos that
     share their initial noise stay identical until step 1, then differ; re-scoring still gives ratio 1."""

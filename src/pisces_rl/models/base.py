@@ -30,6 +30,10 @@ class ModelFamily(Protocol):
     """What the policy needs from a pipeline family. Implementations are stateless."""
 
     name: str
+    sde_type: str
+    """The noise type ``sampling.sde_type = "auto"`` samples with (:data:`pisces_rl.rollout.SDE_TYPES`):
+    ``"flow_grpo"`` for rectified-flow models, ``"ddim"`` (DDPO) for ε/v-prediction families. Optional: a
+    family without it gets ``"flow_grpo"``."""
 
     def build_tiny_pipeline(self, seed: int) -> Any:
         """A tiny random pipeline built in code (for tests and the embedded default)."""

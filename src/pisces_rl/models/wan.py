@@ -22,6 +22,7 @@ class WanFamily:
     """
 
     name = "wan"
+    sde_type = "flow_grpo"  # sampling.sde_type=auto: Flow-GRPO's SDE noise (a rectified-flow model)
 
     def build_tiny_pipeline(self, seed: int = 0) -> Any:
         return build_tiny_wan_pipeline(seed=seed)

@@ -100,7 +100,8 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .ddim import ddim_eps_correction, ddim_log_prob_offset, ddim_std
 
-__all__ = ["SDEStep", "SDE_TYPES", "sde_step_with_logprob", "sde_std", "sde_std_table", "check_sde_type"]
+__all__ = ["SDEStep", "SDE_TYPES", "sde_step_with_logprob", "sde_std", "sde_std_table", "check_sde_type",
+           "resolve_sde_type"]
 
 SDE_TYPES = ("flow_grpo", "dance_grpo", "ddim")
 """Names of the noise types (module docstring): Flow-GRPO's and DanceGRPO's / PISCES's diffusion coefficients
@@ -139,12 +140,27 @@ def _as_batch_column(value: Scalar, name: str, batch: int, ndim: int, device: to
     return t.reshape(-1, *([1] * (ndim - 1)))
 
 
-def check_sde_type(sde_type: str) -> str:
-    """``sde_type`` if it is one of :data:`SDE_TYPES`, else a ``ValueError`` naming the choices."""
-    if sde_type not in SDE_TYPES:
-        raise ValueError(f"sde_type must be one of {', '.join(repr(t) for t in SDE_TYPES)} (sampling.sde_type), "
+def check_sde_type(sde_type: str, allow_auto: bool = False) -> str:
+    """``sde_type`` if it is one of :data:`SDE_TYPES` (or ``"auto"`` when allowed), else a ``ValueError``."""
+    if sde_type not in SDE_TYPES and not (allow_auto and sde_type == "auto"):
+        choices = ("auto",) * allow_auto + SDE_TYPES
+        raise ValueError(f"sde_type must be one of {', '.join(repr(t) for t in choices)} (sampling.sde_type), "
                          f"got {sde_type!r}")
     return sde_type
+
+
+def resolve_sde_type(sde_type: str, family: object = None) -> str:
+    """The noise type to sample with: ``sde_type`` itself, or for ``"auto"`` the model family's choice, its class
+    attribute ``sde_type`` (e.g. ``"flow_grpo"`` for Wan, ``"ddim"`` for an ε/v-prediction family); a family
+    without one gets ``"flow_grpo"``."""
+    check_sde_type(sde_type, allow_auto=True)
+    if sde_type != "auto":
+        return sde_type
+    chosen = getattr(family, "sde_type", "flow_grpo")
+    try:
+        return check_sde_type(chosen)
+    except ValueError as err:
+        raise ValueError(f"model family {getattr(family, 'name', family)!r} declares sde_type={chosen!r}: {err}") from None
 
 
 def sde_std(sigma: Scalar, sigma_next: Scalar, eta: Scalar, sde_type: str = "flow_grpo") -> torch.Tensor:
