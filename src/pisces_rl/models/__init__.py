@@ -11,10 +11,12 @@ from .base import (FINETUNE_MODES, ModelFamily, VideoPolicy, build_policy, flow_
                    register_family, resolve_dtype)
 from .lora import UpdateRatio, save_denoiser
 from .tiny import build_tiny_tokenizer, build_tiny_wan_pipeline
+from .text_to_video_sd import TextToVideoSDFamily, build_tiny_text_to_video_sd_pipeline
 from .wan import WanFamily
 
 __all__ = [
-    "VideoPolicy", "build_policy", "build_tiny_wan_pipeline", "build_tiny_tokenizer", "ModelFamily", "WanFamily",
+    "VideoPolicy", "build_policy", "build_tiny_wan_pipeline", "build_tiny_tokenizer", "ModelFamily", "WanFamily", "TextToVideoSDFamily",
+    "build_tiny_text_to_video_sd_pipeline",
     "register_family", "get_family", "flow_match_schedule", "resolve_dtype", "FINETUNE_MODES", "UpdateRatio",
     "save_denoiser",
 ]

@@ -71,6 +71,11 @@ class ModelFamily(Protocol):
         denoiser's latent space, so that ``decode(encode(v))`` reconstructs ``v``). Optional: only training on
         a dataset of videos needs it."""
 
+    def initial_latents(self, pipe: Any, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """Optional: the pipeline's initial noise ``[B, C, F, h, w]`` (what ``pipe(latents=noise)`` starts from) as the
+        flow latent at the schedule's first level ``sigma``. Absent = the noise itself (flow models start at σ = 1);
+        a VP family returns ``vp_to_flow(noise, ᾱ_0)`` (:mod:`pisces_rl.models.vp`)."""
+
     def decode_checkpointed(self, pipe: Any, latents: torch.Tensor) -> torch.Tensor:
         """Optional: :meth:`decode`, recomputed piecewise (e.g. per latent frame) in backward to save memory."""
 

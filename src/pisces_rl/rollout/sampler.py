@@ -97,7 +97,9 @@ def sample_rollout(policy: Any, prompts: Sequence[str], sampling_cfg: Any, gener
             when ``guidance_scale > 1``.
         generator: torch generator (or one per video) for the initial noise, the SDE noise and the
             choice of trained steps.
-        latents: optional initial noise ``[B, C, F, h, w]`` (otherwise drawn like ``pipe(...)`` does).
+        latents: optional initial noise ``[B, C, F, h, w]`` (otherwise drawn like ``pipe(...)`` does); a family
+            with an ``initial_latents(pipe, noise, sigma0)`` hook maps it to the flow latent at ``sigmas[0]``
+            (a VP family: ``noise / (sqrt(ᾱ_0) + sqrt(1 − ᾱ_0))``), as ``pipe(latents=...)`` would use it.
         decode: decode the final latents to ``Rollout.videos`` (``[B, F, C, H, W]`` in [0, 1]).
 
     Returns:
@@ -126,6 +128,9 @@ def sample_rollout(policy: Any, prompts: Sequence[str], sampling_cfg: Any, gener
         raise ValueError(f"initial latents have shape {tuple(latents.shape)}, expected {tuple(shape)}")
     else:
         x = latents.to(policy.device, torch.float32)
+    # the pipeline's initial noise as a flow latent at sigmas[0] (identity for flow families; a VP family rescales)
+    hook = getattr(policy.family, "initial_latents", None)
+    x = x if hook is None else hook(policy.pipeline, x, sigmas[0]).float()
 
     trajectory, log_probs = [x], []
     noisy = in_sde_window(torch.arange(len(timesteps)), window).tolist()
