@@ -17,7 +17,7 @@ from pisces_rl.config import BackpropConfig, GRPOConfig, load_config, to_dict
 ROOT = Path(__file__).resolve().parents[1]
 PAGE, MARKER = ROOT / "docs" / "hyperparameters.md", "<!-- generated below: python docs/make_hyperparameters.py -->"
 GATE = ("the learning gate (`benchmarks/results/learning_gate.md`): GRPO with this setting raised ShapesBench on 3 of 3 seeds above its null control, the default did not")
-GROUPS = {"tiny": "tiny CPU", "shapes": "ShapesWorld CPU", "wan": "Wan GPU"}
+GROUPS = {"tiny": "tiny CPU", "shapes": "ShapesWorld CPU", "wan": "Wan GPU", "gpu": "GPU, other families"}
 KEPT, TINY = "kept from the earlier recipe; not sourced", "test fixture (no source)"  # TINY: no scope of a tiny recipe
 UNUSED = {k: tuple(v.split()) for k, v in {  # key prefixes shown "(in parentheses)": not read by that kind of recipe
     "grpo": "nft.", "backprop": "sampling.train_timestep_fraction", "dataset": "sampling.eta sampling.sde_ "
@@ -126,6 +126,40 @@ SOURCES = {
     "nft.eta": f"ODE sampler: {NFT} `config/nft.py:65`", "nft.guidance_scale": f"CFG-free: {NFT} `config/nft.py:64`"}
 SOURCES.update({"sampling.width": SOURCES["sampling.height"], "rewards.eta": SOURCES["rewards.gamma"],
                 "rewards.weights.ot_semantic": SOURCES["rewards.weights.ot_quality"]})
+DDPO, MS = "ddpo-pytorch `config/base.py`", "grpo_text_to_video_sd_ms"
+T2V = "diffusers `TextToVideoSDPipeline.__call__` default"
+for _key, _text in {  # the ModelScope T2V recipe (text_to_video_sd family): DDPO's settings
+        "model.pretrained": "ModelScope T2V (diffusers' `TextToVideoSDPipeline` checkpoint), the ε-prediction UNet "
+        "stand-in for the paper's VideoCrafter2", "model.family": "the ε-prediction UNet family (`TextToVideoSDPipeline`)",
+        "model.finetune": f"LoRA: {DDPO} `use_lora = True`", "model.lora_rank": "ddpo-pytorch `scripts/train.py`: "
+        "diffusers `LoRAAttnProcessor` default rank 4, no network_alpha (scale 1)", "model.lora_alpha": "= rank (scale 1), "
+        "as ddpo-pytorch's `LoRAAttnProcessor`", "model.lora_target_modules": "the attention projections DDPO's "
+        "`LoRAAttnProcessor` adapts", "model.lora_path": "fresh adapters, as DDPO", "sampling.num_frames": f"{T2V} (16)",
+        "sampling.height": f"{T2V} (unet sample_size 32 × VAE factor 8 = 256)",
+        "sampling.width": f"{T2V} (unet sample_size 32 × VAE factor 8 = 256)",
+        "data.prompts": "the VBench prompt suite, as the Wan recipes (DDPO: ImageNet animal names)", "sampling.num_inference_steps":
+        f"{DDPO} `sample.num_steps = 50`", "sampling.guidance_scale": f"{DDPO} `sample.guidance_scale = 5.0`",
+        "sampling.eta": f"{DDPO} `sample.eta = 1.0`", "sampling.sde_type": "ddim = DDPO `ddim_with_logprob.py` "
+        "(`rollout/ddim.py`)", "sampling.train_timestep_fraction": f"{DDPO} `train.timestep_fraction = 1.0`",
+        "sampling.sde_window": "every step stochastic, as DDPO", "sampling.negative_prompt": "empty, as DDPO "
+        "(`neg_prompt_embed` of \"\")", "sampling.max_sequence_length": "not read: CLIP's 77 tokens",
+        "train.max_steps": f"{DDPO} `num_epochs = 100`", "train.num_generations": f"{DDPO} per-prompt stat tracking "
+        "buffer 16", "train.prompts_per_step": "not sourced (DDPO samples 2 batches per GPU per epoch)",
+        "train.train_batch_size": f"{DDPO} `train.batch_size = 1`", "train.gradient_accumulation_steps":
+        "not sourced", "train.num_iterations": f"{DDPO} `train.num_inner_epochs = 1`", "train.learning_rate":
+        f"{DDPO} `train.learning_rate = 3e-4` (LoRA)", "train.weight_decay": f"{DDPO} `train.adam_weight_decay = 1e-4`",
+        "train.adam_betas": f"{DDPO} `adam_beta1/2`", "train.epsilon": f"{DDPO} `train.clip_range = 1e-4`",
+        "train.adv_clip_max": f"{DDPO} `train.adv_clip_max = 5`", "train.max_grad_norm": f"{DDPO} "
+        "`train.max_grad_norm = 1.0`", "train.beta": "0: DDPO has no KL", "train.advantage_mode": "one summed reward, "
+        "as DDPO's single reward", "train.scale_rewards": "per prompt (group), DDPO's per-prompt stat tracking",
+        "train.shared_group_noise": "independent noise per video, as DDPO", "train.lr_scheduler": "constant, as DDPO",
+        "train.warmup_steps": "none, as DDPO", "sampling.noise_block": "i.i.d. noise per element, as DDPO",
+        "train.algorithm": "GRPO (DDPO's clipped update)", "rewards.encoder": "our BLIP-ITM stand-in for InternVideo2",
+        "rewards.ot_map": "fitted by `pisces-rl fit-ot-map`", "rewards.num_frames": "paper: the OT map's 8-frame clips",
+        }.items():
+    _entry = SOURCES.get(_key)
+    SOURCES[_key] = {**_entry, MS: _text} if isinstance(_entry, dict) else {**({"*": _entry} if _entry else {}),
+                                                                            MS: _text}
 BACKPROP = {  # the backprop table's sources where they differ from SOURCES
     "model.finetune": {"*": "LoRA (library default)", "wan": f"LoRA, as the released {REL} (r 256, α 32)"},
     "rewards.weights.ot_quality": f"paper §4; released {REL}: both reward weights and `--consistency_loss_weight` 1",
@@ -165,7 +199,8 @@ ENGINEERING = {"model.dtype": "memory/speed: dtype of the frozen weights", "mode
 
 
 def group(name: str) -> str:
-    return "wan" if name.endswith("_wan") else "shapes" if "shapes" in name else "tiny"
+    return ("wan" if name.endswith("_wan") else "shapes" if "shapes" in name else "tiny" if "tiny" in name
+            else "gpu")
 
 
 @functools.lru_cache(maxsize=None)
@@ -216,6 +251,8 @@ def source(key: str, table: str, name: str, cfg) -> str:
 
 def cell(values: dict, lead: bool) -> str:
     """``{recipe: text}`` as one cell: '**groups or recipes**: text' lines (``lead``) or 'text (recipes); ...'."""
+    if not values:  # a group without a recipe in this table
+        return ""
     by_text: dict = {}
     for name, text in values.items():
         by_text.setdefault(text, []).append(name)
