@@ -487,7 +487,8 @@ def test_works_with_the_real_config_dataclasses():
 
 def test_shipped_recipes_use_their_sources_sde_type():
     """The PISCES-paper Wan recipes sample like the PISCES code (DanceGRPO's ``flux_step``, eta 0.25); the CPU
-    recipes keep Flow-GRPO's noise, with which they have been run. Each config states the type explicitly."""
+    recipes keep Flow-GRPO's noise, with which they have been run; the ε-prediction UNet recipe samples like DDPO
+    (``ddim``). Each config states the type explicitly."""
     import glob
     import os
 
@@ -500,4 +501,5 @@ def test_shipped_recipes_use_their_sources_sde_type():
         with open(path) as f:
             assert "\n  sde_type: " in f.read(), f"{name} does not state its sampling.sde_type"
         cfg = load_config(BackpropConfig if name.startswith("backprop") else GRPOConfig, path)
-        assert cfg.sampling.sde_type == ("dance_grpo" if "_wan" in name else "flow_grpo"), name
+        expected = "dance_grpo" if "_wan" in name else "ddim" if "text_to_video_sd" in name else "flow_grpo"
+        assert cfg.sampling.sde_type == expected, name
