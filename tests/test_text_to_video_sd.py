@@ -107,6 +107,9 @@ def test_saved_lora_loads_into_a_plain_pipeline(policy, tmp_path):
     ours = policy.pipeline(PROMPTS, generator=gen(5), **kwargs).frames
     assert (after - before).abs().max() > 1e-3
     torch.testing.assert_close(after, ours, atol=1e-5, rtol=0)
+    assert type(plain.unet).__name__ == "UNet3DConditionModel"        # what save_pretrained writes as _class_name
+    import pickle
+    assert type(pickle.loads(pickle.dumps(plain.unet))) is type(plain.unet)
 
 
 def _split(trainer):

@@ -36,15 +36,34 @@ from .vp import PREDICTION_TYPES, alpha_bar_at, alpha_bar_from_sigma, flow_to_vp
 __all__ = ["TextToVideoSDFamily", "build_tiny_text_to_video_sd_pipeline", "enable_unet_lora"]
 
 
+def _peft_unet_class() -> type:
+    """``UNet3DConditionModel`` with ``PeftAdapterMixin``, defined once: its ``__name__`` stays
+    ``"UNet3DConditionModel"`` (ConfigMixin writes it as ``_class_name``, so ``save_pretrained`` output loads with the
+    plain class) and its ``__qualname__`` names it in this module (picklable)."""
+    global _PeftUNet3D
+    if _PeftUNet3D is None:
+        from diffusers import UNet3DConditionModel
+        from diffusers.loaders.peft import PeftAdapterMixin
+
+        _PeftUNet3D = type("UNet3DConditionModel", (UNet3DConditionModel, PeftAdapterMixin),
+                           {"__module__": __name__, "__qualname__": "_PeftUNet3D"})
+    return _PeftUNet3D
+
+
+_PeftUNet3D = None
+
+
 def enable_unet_lora(pipe: Any) -> Any:
     """Give ``pipe.unet`` (a ``UNet3DConditionModel``) diffusers' ``PeftAdapterMixin`` in place, so that
     ``add_adapter`` / ``pipe.load_lora_weights`` work; returns ``pipe``. A no-op if it already has it."""
+    from diffusers import UNet3DConditionModel
     from diffusers.loaders.peft import PeftAdapterMixin
 
     unet = pipe.unet
     if not isinstance(unet, PeftAdapterMixin):
-        # same __name__: ConfigMixin writes it as _class_name, so save_pretrained/from_pretrained are unaffected
-        unet.__class__ = type(type(unet).__name__, (type(unet), PeftAdapterMixin), {"__module__": type(unet).__module__})
+        if type(unet) is not UNet3DConditionModel:
+            raise ValueError(f"pipe.unet is a {type(unet).__name__}, expected a UNet3DConditionModel")
+        unet.__class__ = _peft_unet_class()
     return pipe
 
 
