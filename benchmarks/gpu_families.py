@@ -13,7 +13,7 @@ family's shipped recipe (``recipes/configs/...``): its resolution, frames, CFG s
 timestep fraction and micro-batch, with these changes so that all families fit the 8-minute budget:
 
 * ``train.num_generations = sample_batch_size = 2``, ``prompts_per_step = 1``: one rollout forward of 2 videos;
-* ``sampling.num_inference_steps = --steps`` (default 3), ``sde_window`` scaled to it: with the recipe's
+* ``sampling.num_inference_steps = --steps`` (default 4; CogVideoX's trailing DDIM grid needs a divisor of 1000), ``sde_window`` scaled to it: with the recipe's
   ``train_timestep_fraction`` the update trains ``K`` timesteps of one micro-batch.
 
 Measured: ``sample`` (prompt encoding, denoising with log-probs, VAE decode; ``decode`` is the policy's decode
@@ -47,7 +47,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIFFUSERS = "huggingface/diffusers@2843b3d37ad7c83b44cdcd098b9c064e1569457d"   # last commit of the scripts below
 PROMPTS = ["a red panda eating bamboo in the rain", "two kites flying over a beach at sunset"]
-TINY = {"sampling.height": 32, "sampling.width": 32, "sampling.num_frames": 5}
+TINY = {"sampling.height": 32, "sampling.width": 32, "sampling.num_frames": 9,   # 9 = 4k+1 (Wan) = 8k+1 (CogVideoX)
+        "rewards.temporal_windows": 1}
 
 
 def _wan(layers, heads, ffn, in_ch=16):
@@ -99,13 +100,14 @@ ARCHITECTURES: List[Dict[str, Any]] = [
          source=f"{DIFFUSERS} scripts/convert_hunyuan_video_to_diffusers.py TRANSFORMER_CONFIGS"
                 "['HYVideo-T/2-cfgdistill'], convert_vae(): AutoencoderKLHunyuanVideo() defaults"),
     dict(name="CogVideoX-2b", family="cogvideox", recipe="grpo_cogvideox*.yaml",
+         tiny={"sampling.max_sequence_length": 32},   # the tiny transformer's max_text_seq_length
          transformer=("CogVideoXTransformer3DModel", dict(_COG, in_channels=16, num_layers=30, num_attention_heads=30,
                                                           use_rotary_positional_embeddings=False)),
          vae=("AutoencoderKLCogVideoX", {"scaling_factor": 1.15258426}),
          text_encoder={"d_model": 4096, "num_layers": 1}, options={"version": "1.0"},   # T5-XXL's width
          source=f"{DIFFUSERS} scripts/convert_cogvideox_to_diffusers.py get_transformer_init_kwargs('1.0'), "
                 "argparse comments (2B: 30 layers, 30 heads, no RoPE, VAE scaling 1.15258426)"),
-    dict(name="CogVideoX-5b", family="cogvideox", recipe="grpo_cogvideox*.yaml",
+    dict(name="CogVideoX-5b", family="cogvideox", recipe="grpo_cogvideox*.yaml", tiny={"sampling.max_sequence_length": 32},
          transformer=("CogVideoXTransformer3DModel", dict(_COG, in_channels=16, num_layers=42, num_attention_heads=48,
                                                           use_rotary_positional_embeddings=True)),
          vae=("AutoencoderKLCogVideoX", {"scaling_factor": 0.7}),
@@ -123,6 +125,7 @@ ARCHITECTURES: List[Dict[str, Any]] = [
                 "ch_mult [1,2,4,4], 2 res blocks, z 4)"),
 ]
 
+NO_CKPT = "n/a: the denoiser has no gradient checkpointing"
 COLUMNS = ["architecture", "family", "recipe", "H x W x F", "grad ckpt", "status", "denoiser B params",
            "weights GiB", "peak GiB", "sample s", "decode s", "reward s", "update s", "s/step", "s/train",
            "est. recipe it. s"]
@@ -186,7 +189,8 @@ def build_on(device: torch.device, dtype: torch.dtype):
         torch.set_default_dtype(previous)
 
 
-def bench_config(path: str, size: str, steps: int, out: str, resolution: Optional[List[int]] = None):
+def bench_config(path: str, size: str, steps: int, out: str, resolution: Optional[List[int]] = None,
+                 tiny: Optional[Dict[str, Any]] = None):
     """The recipe with the overrides of the module docstring (``--size tiny``: also 32x32, 5 frames, fp32)."""
     from pisces_rl.config import GRPOConfig, load_config
 
@@ -204,7 +208,7 @@ def bench_config(path: str, size: str, steps: int, out: str, resolution: Optiona
         o.update(dict(zip(("sampling.height", "sampling.width", "sampling.num_frames"), resolution)))
     if size == "tiny":
         o.update(TINY)
-        o.update({"train.mixed_precision": "no", "model.dtype": "fp32"})
+        o.update({"train.mixed_precision": "no", "model.dtype": "fp32", **(tiny or {})})
     if size == "tiny" or resolution is not None:
         o["rewards.num_frames"] = min(recipe.rewards.num_frames, o["sampling.num_frames"])
     return recipe, load_config(GRPOConfig, path, o)
@@ -248,16 +252,17 @@ def run_arch(arch: Dict[str, Any], kwargs: Dict[str, Any], args, rows: List[Dict
 
     device, on, off = torch.device(args.device), rows[-2], rows[-1]
     recipe, cfg = bench_config(recipe_path(arch), args.size, args.steps, tempfile.mkdtemp(dir=args.workdir),
-                               args.resolution)
+                               args.resolution, arch.get("tiny"))
     on["H x W x F"] = off["H x W x F"] = f"{cfg.sampling.height} x {cfg.sampling.width} x {cfg.sampling.num_frames}"
     dtype = resolve_dtype(cfg.model.dtype) if device.type == "cuda" else torch.float32
     family = get_family(arch["family"])
     with build_on(device, dtype):
         pipe = family.build_tiny_pipeline(seed=0, **kwargs)
     m = cfg.model
+    ckpt_ok = getattr(family.denoiser(pipe), "_supports_gradient_checkpointing", True)   # UNet3D: no
     policy = VideoPolicy(pipe, family, lora_rank=m.lora_rank, lora_alpha=m.lora_alpha,
                          lora_target_modules=m.lora_target_modules, dtype=dtype, device=device,
-                         gradient_checkpointing=True, finetune=m.finetune)
+                         gradient_checkpointing=ckpt_ok, finetune=m.finetune)
     AcceleratorState._reset_state(reset_partial_state=True)   # each row may use its recipe's mixed precision
     GradientState._reset_state()
     trainer = GRPOTrainer(cfg, rewards={"brightness": brightness}, policy=policy, prompts=PROMPTS)
@@ -290,6 +295,9 @@ def run_arch(arch: Dict[str, Any], kwargs: Dict[str, Any], args, rows: List[Dict
                         if k in on})
             _set_checkpointing(policy.transformer, False)
             trainer.optimizer.zero_grad(set_to_none=True)
+        elif not ckpt_ok:
+            row["status"] = NO_CKPT
+            continue
         _reset_peak(device)
         begin = _sync(device)
         metrics = trainer.update(rollout, advantages)
@@ -392,7 +400,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--size", choices=("tiny", "recipe"), default=None,
                         help="recipe: published architectures at the recipe's size (default on CUDA); tiny: the "
                              "families' tiny test configs at 32x32x5 (default on CPU)")
-    parser.add_argument("--steps", type=int, default=3, help="denoising steps sampled (the recipe's are extrapolated)")
+    parser.add_argument("--steps", type=int, default=4, help="denoising steps sampled (the recipe's are extrapolated)")
     parser.add_argument("--resolution", type=lambda v: [int(x) for x in v.lower().split("x")], default=None,
                         help="HxWxF instead of the recipe's (e.g. 240x416x17 for a smaller GPU)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PAGE, MARKER = ROOT / "docs" / "hyperparameters.md", "<!-- generated below: python docs/make_hyperparameters.py -->"
 GATE = ("the learning gate (`benchmarks/results/learning_gate.md`): GRPO with this setting raised ShapesBench on 3 of 3 seeds above its null control, the default did not")
 GROUPS = {"tiny": "tiny CPU", "shapes": "ShapesWorld CPU", "wan": "Wan GPU", "hunyuan": "HunyuanVideo GPU",
-          "cogvideox": "CogVideoX GPU"}
+          "cogvideox": "CogVideoX GPU", "gpu": "GPU, other families"}
 KEPT, TINY = "kept from the earlier recipe; not sourced", "test fixture (no source)"  # TINY: no scope of a tiny recipe
 UNUSED = {k: tuple(v.split()) for k, v in {  # key prefixes shown "(in parentheses)": not read by that kind of recipe
     "grpo": "nft.", "backprop": "sampling.train_timestep_fraction", "dataset": "sampling.eta sampling.sde_ "
@@ -198,8 +198,9 @@ COGVIDEOX = {  # the CogVideoX GPU recipe's sources (scope "cogvideox"), merged 
     "sampling.num_inference_steps": "diffusers `CogVideoXPipeline.__call__` default and the model card example (50)",
     "sampling.guidance_scale": "diffusers `CogVideoXPipeline.__call__` default and the model card example (6; dynamic "
         "CFG off)",
-    "sampling.sde_type": f"dance_grpo = {PC} `distill_grpo.py` ({DG} `flux_step`) until the DDIM noise type (DDPO, for "
-        "VP models) is merged",
+    "sampling.sde_type": "ddim = DDPO's stochastic DDIM step (kvablack/ddpo-pytorch `ddim_with_logprob.py`), the VP "
+        "family's own sampler; `rollout/ddim.py`",
+    "sampling.eta": "ddpo-pytorch `config/base.py` `sample.eta = 1.0` (DDPM-like noise for the DDIM step)",
     "sampling.train_timestep_fraction": f"not sourced: 15 of the 49 SDE steps, for cost ({FG} Wan 0.99, {DG} Wan 0.6)",
     "sampling.max_sequence_length": "diffusers `CogVideoXPipeline` default = the transformer's `max_text_seq_length`",
     "rewards.encoder": SOURCES["rewards.encoder"]["wan"], "rewards.ot_map": SOURCES["rewards.ot_map"]["wan"],
@@ -217,6 +218,40 @@ COGVIDEOX.update({"model.lora_alpha": COGVIDEOX["model.lora_rank"], "sampling.wi
 for _key, _text in COGVIDEOX.items():
     _entry = SOURCES.get(_key, "")
     SOURCES[_key] = {**(_entry if isinstance(_entry, dict) else {"*": _entry}), "cogvideox": _text}
+DDPO, MS = "ddpo-pytorch `config/base.py`", "grpo_text_to_video_sd_ms"
+T2V = "diffusers `TextToVideoSDPipeline.__call__` default"
+for _key, _text in {  # the ModelScope T2V recipe (text_to_video_sd family): DDPO's settings
+        "model.pretrained": "ModelScope T2V (diffusers' `TextToVideoSDPipeline` checkpoint), the ε-prediction UNet "
+        "stand-in for the paper's VideoCrafter2", "model.family": "the ε-prediction UNet family (`TextToVideoSDPipeline`)",
+        "model.finetune": f"LoRA: {DDPO} `use_lora = True`", "model.lora_rank": "ddpo-pytorch `scripts/train.py`: "
+        "diffusers `LoRAAttnProcessor` default rank 4, no network_alpha (scale 1)", "model.lora_alpha": "= rank (scale 1), "
+        "as ddpo-pytorch's `LoRAAttnProcessor`", "model.lora_target_modules": "the attention projections DDPO's "
+        "`LoRAAttnProcessor` adapts", "model.lora_path": "fresh adapters, as DDPO", "sampling.num_frames": f"{T2V} (16)",
+        "sampling.height": f"{T2V} (unet sample_size 32 × VAE factor 8 = 256)",
+        "sampling.width": f"{T2V} (unet sample_size 32 × VAE factor 8 = 256)",
+        "data.prompts": "the VBench prompt suite, as the Wan recipes (DDPO: ImageNet animal names)", "sampling.num_inference_steps":
+        f"{DDPO} `sample.num_steps = 50`", "sampling.guidance_scale": f"{DDPO} `sample.guidance_scale = 5.0`",
+        "sampling.eta": f"{DDPO} `sample.eta = 1.0`", "sampling.sde_type": "ddim = DDPO `ddim_with_logprob.py` "
+        "(`rollout/ddim.py`)", "sampling.train_timestep_fraction": f"{DDPO} `train.timestep_fraction = 1.0`",
+        "sampling.sde_window": "every step stochastic, as DDPO", "sampling.negative_prompt": "empty, as DDPO "
+        "(`neg_prompt_embed` of \"\")", "sampling.max_sequence_length": "not read: CLIP's 77 tokens",
+        "train.max_steps": f"{DDPO} `num_epochs = 100`", "train.num_generations": f"{DDPO} per-prompt stat tracking "
+        "buffer 16", "train.prompts_per_step": "not sourced (DDPO samples 2 batches per GPU per epoch)",
+        "train.train_batch_size": f"{DDPO} `train.batch_size = 1`", "train.gradient_accumulation_steps":
+        "not sourced", "train.num_iterations": f"{DDPO} `train.num_inner_epochs = 1`", "train.learning_rate":
+        f"{DDPO} `train.learning_rate = 3e-4` (LoRA)", "train.weight_decay": f"{DDPO} `train.adam_weight_decay = 1e-4`",
+        "train.adam_betas": f"{DDPO} `adam_beta1/2`", "train.epsilon": f"{DDPO} `train.clip_range = 1e-4`",
+        "train.adv_clip_max": f"{DDPO} `train.adv_clip_max = 5`", "train.max_grad_norm": f"{DDPO} "
+        "`train.max_grad_norm = 1.0`", "train.beta": "0: DDPO has no KL", "train.advantage_mode": "one summed reward, "
+        "as DDPO's single reward", "train.scale_rewards": "per prompt (group), DDPO's per-prompt stat tracking",
+        "train.shared_group_noise": "independent noise per video, as DDPO", "train.lr_scheduler": "constant, as DDPO",
+        "train.warmup_steps": "none, as DDPO", "sampling.noise_block": "i.i.d. noise per element, as DDPO",
+        "train.algorithm": "GRPO (DDPO's clipped update)", "rewards.encoder": "our BLIP-ITM stand-in for InternVideo2",
+        "rewards.ot_map": "fitted by `pisces-rl fit-ot-map`", "rewards.num_frames": "paper: the OT map's 8-frame clips",
+        }.items():
+    _entry = SOURCES.get(_key)
+    SOURCES[_key] = {**_entry, MS: _text} if isinstance(_entry, dict) else {**({"*": _entry} if _entry else {}),
+                                                                            MS: _text}
 BACKPROP = {  # the backprop table's sources where they differ from SOURCES
     "model.finetune": {"*": "LoRA (library default)", "wan": f"LoRA, as the released {REL} (r 256, α 32)"},
     "rewards.weights.ot_quality": f"paper §4; released {REL}: both reward weights and `--consistency_loss_weight` 1",
@@ -259,7 +294,7 @@ def group(name: str) -> str:
     if name.endswith("_wan") or name.startswith(("grpo_wan", "backprop_wan")):
         return "wan"
     return ("hunyuan" if "hunyuan" in name else "cogvideox" if "_cogvideox" in name else "shapes" if "shapes" in name
-            else "tiny")
+            else "tiny" if "tiny" in name else "gpu")
 
 
 @functools.lru_cache(maxsize=None)

@@ -7,6 +7,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from pisces_rl.models import build_policy, build_tiny_wan_pipeline
+from pisces_rl.models.vp import alpha_bar_from_sigma
 from pisces_rl.rollout import (SDE_TYPES, Rollout, cat, rescore_log_prob, sample_rollout, sde_std_table,
                                sde_step_with_logprob)
 
@@ -68,7 +69,21 @@ def dance_grpo_reference(v, x, sigma, sigma_next, eta, noise):
     return prev_sample_mean + log_term * dsigma, std_dev_t
 
 
-REFERENCES = {"flow_grpo": flow_grpo_reference, "dance_grpo": dance_grpo_reference}
+def ddim_reference(v, x, sigma, sigma_next, eta, noise):
+    """DDPO's DDIM step (kvablack/ddpo-pytorch ``ddim_with_logprob.py``: ``variance = (1 - ab') / (1 - ab) *
+    (1 - ab / ab')``, ``std = eta sqrt(variance)``, ``mean = sqrt(ab') x0 + sqrt(1 - ab' - std^2) eps``) in VP
+    coordinates ``z = (sqrt(ab) + sqrt(1 - ab)) x``, mapped back to flow coordinates (tests/test_ddim_step.py
+    checks it on DDIMScheduler itself)."""
+    s, sn = sigma.view(-1, 1, 1, 1, 1).double(), sigma_next.view(-1, 1, 1, 1, 1).double()
+    ab, abn = alpha_bar_from_sigma(s).double(), alpha_bar_from_sigma(sn).double()
+    x0, eps = x - s * v, x + (1 - s) * v
+    std = eta * ((1 - abn) / (1 - ab) * (1 - ab / abn)).sqrt()
+    mean = abn.sqrt() * x0 + (1 - abn - std**2).sqrt() * eps
+    scale = abn.sqrt() + (1 - abn).sqrt()
+    return (mean / scale).float(), (std / scale).float()
+
+
+REFERENCES = {"flow_grpo": flow_grpo_reference, "dance_grpo": dance_grpo_reference, "ddim": ddim_reference}
 
 
 @pytest.mark.parametrize("sde_type", SDE_TYPES)
@@ -81,6 +96,9 @@ def test_log_prob_matches_the_reference_step(sde_type):
     step = sde_step_with_logprob(v, x, sigma, sigma_next, eta, noise=noise, sde_type=sde_type)
     mean, std = REFERENCES[sde_type](v, x, sigma, sigma_next, eta, noise)
     expected = torch.distributions.Normal(mean, std).log_prob(mean + std * noise).mean(dim=(1, 2, 3, 4))
+    if sde_type == "ddim":  # DDPO's density is the VP latent's: minus log(sqrt(ab') + sqrt(1 - ab')) per element
+        ab_next = alpha_bar_from_sigma(sigma_next)
+        expected = expected - torch.log(ab_next.sqrt() + (1 - ab_next).sqrt())
     torch.testing.assert_close(step.mean, mean, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(step.std, std, atol=1e-7, rtol=1e-6)
     torch.testing.assert_close(step.prev_sample, mean + std * noise, atol=1e-6, rtol=1e-5)
@@ -99,7 +117,7 @@ def test_the_two_noise_types_differ_only_in_s_t():
     d = sde_step_with_logprob(v, x, 0.8, 0.6, 0.3 / math.sqrt(0.8 / 0.2), noise=noise, sde_type="flow_grpo")
     torch.testing.assert_close(c.prev_sample, d.prev_sample)
     torch.testing.assert_close(c.log_prob, d.log_prob)
-    with pytest.raises(ValueError, match="sde_type must be one of 'flow_grpo', 'dance_grpo'"):
+    with pytest.raises(ValueError, match="sde_type must be one of 'flow_grpo', 'dance_grpo', 'ddim'"):
         sde_step_with_logprob(v, x, 0.8, 0.6, 0.3, sde_type="dance")
 
 
@@ -148,10 +166,10 @@ def test_half_precision_inputs_are_computed_in_fp32():
 
 
 @pytest.mark.parametrize("sde_type, expected_std", [("flow_grpo", 0.5 * math.sqrt(1.0 / (1.0 - 0.8)) * math.sqrt(0.2)),
-                                                     ("dance_grpo", 0.5 * math.sqrt(0.2))])
+                                                     ("dance_grpo", 0.5 * math.sqrt(0.2)), ("ddim", 0.5 * 0.8)])
 def test_sigma_one_step_is_finite(sde_type, expected_std):
     """sigma = 1: flow_grpo uses the next sigma in sqrt(sigma / (1 - sigma)) (Flow-GRPO's ``sigma_max``);
-    dance_grpo needs no special case."""
+    dance_grpo needs no special case, nor ddim (alpha_bar = 0: std = eta * sigma_next)."""
     x, v = torch.randn(2, 6, generator=gen()), torch.randn(2, 6, generator=gen(1))
     step = sde_step_with_logprob(v, x, 1.0, 0.8, 0.5, generator=gen(), sde_type=sde_type)
     assert torch.isfinite(step.prev_sample).all() and torch.isfinite(step.log_prob).all()
@@ -160,7 +178,7 @@ def test_sigma_one_step_is_finite(sde_type, expected_std):
 
 @pytest.mark.parametrize("sde_type", SDE_TYPES)
 def test_last_step_to_zero_is_a_deterministic_euler_step(sde_type):
-    """Both types end on x0_hat = x - sigma v, the latent DanceGRPO / PISCES decode (``pred_original_sample``)."""
+    """Every type ends on x0_hat = x - sigma v, the latent DanceGRPO / PISCES decode (``pred_original_sample``)."""
     x, v = torch.randn(2, 6, generator=gen()), torch.randn(2, 6, generator=gen(1))
     step = sde_step_with_logprob(v, x, 0.2, 0.0, 0.7, generator=gen(), sde_type=sde_type)
     torch.testing.assert_close(step.prev_sample, x - 0.2 * v)  # = predicted x0
@@ -179,7 +197,8 @@ def test_eta_zero_is_the_diffusers_euler_step_with_zero_log_prob():
         assert torch.equal(step.log_prob, torch.zeros(2))
 
 
-@pytest.mark.parametrize("block, sde_type", [(1, "flow_grpo"), (2, "flow_grpo"), (1, "dance_grpo")])
+@pytest.mark.parametrize("block, sde_type", [(1, "flow_grpo"), (2, "flow_grpo"), (1, "dance_grpo"), (1, "ddim"),
+                                             (2, "ddim")])
 def test_sde_preserves_the_marginals_of_a_gaussian_flow(block, sde_type):
     """Data x0 ~ N(0, a^2): the exact velocity is known, x_sigma ~ N(0, (1-sigma)^2 a^2 + sigma^2).
     Simulating the SDE from sigma = 1 with a large eta must land on the right marginal variance
@@ -276,7 +295,7 @@ def test_eta_zero_rollout_reproduces_the_plain_pipeline():
 @pytest.mark.parametrize("sde_type", SDE_TYPES)
 def test_rescore_with_the_same_weights_gives_ratio_one(sde_type):
     """The invariant behind every clipped-ratio update: re-scoring a recorded rollout with the
-    weights that sampled it gives exp(new - old) == 1, for every step, sub-batch and CFG, for both noise types
+    weights that sampled it gives exp(new - old) == 1, for every step, sub-batch and CFG, for every noise type
     (the rollout records its type and re-scoring uses it)."""
     policy = tuned_policy()
     r = sample_rollout(policy, PROMPTS * 2, sampling_cfg(num_inference_steps=5, sde_type=sde_type), generator=gen())
@@ -295,6 +314,21 @@ def test_rescore_with_the_same_weights_gives_ratio_one(sde_type):
     with policy.lora_disabled():
         ref = rescore_log_prob(policy, r, mixed)
     assert (ref.log_prob - old).abs().max() > 1e-4, "the reference (LoRA off) model must score differently"
+
+
+def test_auto_sde_type_is_the_familys_choice():
+    """sampling.sde_type = "auto" (the config default) samples with the family's ``sde_type`` (Wan: flow_grpo) and
+    records it resolved; explicit values win; an unknown value is refused with the choices."""
+    from pisces_rl.models import WanFamily
+    from pisces_rl.rollout import resolve_sde_type
+
+    policy = tuned_policy()
+    r = sample_rollout(policy, PROMPTS, sampling_cfg(num_inference_steps=2, sde_type="auto"), generator=gen(),
+                       decode=False)
+    assert r.sde_type == WanFamily.sde_type == "flow_grpo"
+    assert resolve_sde_type("ddim", WanFamily()) == "ddim" and resolve_sde_type("auto", None) == "flow_grpo"
+    with pytest.raises(ValueError, match="'auto', 'flow_grpo'"):
+        resolve_sde_type("dance", WanFamily())
 
 
 def test_sde_window_injects_noise_only_inside_and_trains_only_there():
@@ -452,8 +486,9 @@ def test_works_with_the_real_config_dataclasses():
 
 
 def test_shipped_recipes_use_their_sources_sde_type():
-    """The GPU recipes (Wan, HunyuanVideo) sample like the PISCES code and DanceGRPO (``flux_step``, eta 0.25); the
-    CPU recipes keep Flow-GRPO's noise, with which they have been run. Each config states the type explicitly."""
+    """The PISCES-paper Wan recipes sample like the PISCES code (DanceGRPO's ``flux_step``, eta 0.25); the CPU
+    recipes keep Flow-GRPO's noise, with which they have been run; the ε-prediction UNet recipe samples like DDPO
+    (``ddim``). Each config states the type explicitly."""
     import glob
     import os
 
@@ -466,4 +501,6 @@ def test_shipped_recipes_use_their_sources_sde_type():
         with open(path) as f:
             assert "\n  sde_type: " in f.read(), f"{name} does not state its sampling.sde_type"
         cfg = load_config(BackpropConfig if name.startswith("backprop") else GRPOConfig, path)
-        assert cfg.sampling.sde_type == ("flow_grpo" if name.endswith("_cpu.yaml") else "dance_grpo"), name
+        vp = "text_to_video_sd" in name or "cogvideox" in name
+        expected = "flow_grpo" if name.endswith("_cpu.yaml") else "ddim" if vp else "dance_grpo"
+        assert cfg.sampling.sde_type == expected, name

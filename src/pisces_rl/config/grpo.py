@@ -117,9 +117,11 @@ class SamplingConfig(ConfigBase):
                                         "guidance-distilled family (hunyuan_video) the embedded guidance fed to the "
                                         "denoiser, one pass")
     eta: float = option(0.25, "SDE noise level of the sampler (> 0; larger = more exploration)")
-    sde_type: str = option("flow_grpo", "SDE noise per step: flow_grpo = eta*sqrt(sigma/(1-sigma))*sqrt(dsigma) "
-                                        "(Flow-GRPO), dance_grpo = eta*sqrt(dsigma) (DanceGRPO, the PISCES code)",
-                           choices=("flow_grpo", "dance_grpo"))
+    sde_type: str = option("auto", "SDE noise per step: auto = the model family's choice (Wan: flow_grpo, VP "
+                                   "families: ddim); flow_grpo = eta*sqrt(sigma/(1-sigma))*sqrt(dsigma) (Flow-GRPO), "
+                                   "dance_grpo = eta*sqrt(dsigma) (DanceGRPO, the PISCES code), ddim = DDPO's "
+                                   "stochastic DDIM step (eta <= 1, 1 = DDPM)",
+                           choices=("auto", "flow_grpo", "dance_grpo", "ddim"))
     train_timestep_fraction: float = option(1.0, "fraction of the denoising steps trained on (a random subset "
                                                  "per rollout), in (0, 1]")
     sde_window: Optional[list[int]] = option(None, "[start, stop]: only denoising steps start <= i < stop inject SDE "

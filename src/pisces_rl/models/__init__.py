@@ -11,6 +11,7 @@ from .base import (FINETUNE_MODES, ModelFamily, VideoPolicy, build_policy, flow_
                    register_family, resolve_dtype)
 from .lora import UpdateRatio, save_denoiser
 from .tiny import build_tiny_tokenizer, build_tiny_wan22_pipeline, build_tiny_wan_pipeline
+from .text_to_video_sd import TextToVideoSDFamily, build_tiny_text_to_video_sd_pipeline
 from .wan import WanFamily
 from .hunyuan_video import HunyuanVideoFamily
 from .hunyuan_video_tiny import build_tiny_hunyuan_video_pipeline
@@ -19,6 +20,7 @@ from .cogvideox import CogVideoXFamily, build_tiny_cogvideox_pipeline
 __all__ = [
     "VideoPolicy", "build_policy", "build_tiny_wan_pipeline", "build_tiny_wan22_pipeline", "build_tiny_tokenizer",
     "ModelFamily", "WanFamily", "CogVideoXFamily", "build_tiny_cogvideox_pipeline",
+    "TextToVideoSDFamily", "build_tiny_text_to_video_sd_pipeline",
     "register_family", "get_family", "flow_match_schedule", "resolve_dtype", "FINETUNE_MODES", "UpdateRatio",
     "save_denoiser", "HunyuanVideoFamily", "build_tiny_hunyuan_video_pipeline",
 ]

@@ -37,6 +37,10 @@ class ModelFamily(Protocol):
     """
 
     name: str
+    sde_type: str
+    """The noise type ``sampling.sde_type = "auto"`` samples with (:data:`pisces_rl.rollout.SDE_TYPES`):
+    ``"flow_grpo"`` for rectified-flow models, ``"ddim"`` (DDPO) for ε/v-prediction families. Optional: a
+    family without it gets ``"flow_grpo"``."""
 
     def build_tiny_pipeline(self, seed: int) -> Any:
         """A tiny random pipeline built in code (for tests and the embedded default). Families should also take
@@ -77,6 +81,11 @@ class ModelFamily(Protocol):
         """``[B, F, C, H, W]`` videos in [0, 1] -> ``[B, C, F, h, w]`` latents (the VAE posterior mean in the
         denoiser's latent space, so that ``decode(encode(v))`` reconstructs ``v``). Optional: only training on
         a dataset of videos needs it."""
+
+    def initial_latents(self, pipe: Any, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """Optional: the pipeline's initial noise ``[B, C, F, h, w]`` (what ``pipe(latents=noise)`` starts from) as the
+        flow latent at the schedule's first level ``sigma``. Absent = the noise itself (flow models start at σ = 1);
+        a VP family returns ``vp_to_flow(noise, ᾱ_0)`` (:mod:`pisces_rl.models.vp`)."""
 
     def decode_checkpointed(self, pipe: Any, latents: torch.Tensor) -> torch.Tensor:
         """Optional: :meth:`decode`, recomputed piecewise (e.g. per latent frame) in backward to save memory."""

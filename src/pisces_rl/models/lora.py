@@ -92,10 +92,17 @@ def save_lora(pipeline_cls, model: torch.nn.Module, save_directory: str,
     ``pipeline_cls.load_lora_weights(save_directory[, weight_name=...])``."""
     weights = lora_state_dict(model, state_dict)
     metadata = model.peft_config[ADAPTER_NAME].to_dict()
-    pipeline_cls.save_lora_weights(
-        save_directory, transformer_lora_layers=weights, is_main_process=is_main_process,
-        transformer_lora_adapter_metadata=metadata, weight_name=weight_name,
-    )
+    name = _denoiser_name(pipeline_cls)
+    pipeline_cls.save_lora_weights(save_directory, is_main_process=is_main_process, weight_name=weight_name,
+                                   **{f"{name}_lora_layers": weights, f"{name}_lora_adapter_metadata": metadata})
+
+
+def _denoiser_name(pipeline_cls) -> str:
+    """The pipeline's LoRA-loadable denoiser component: ``"transformer"`` (Wan, CogVideoX, ...) or ``"unet"``
+    (``StableDiffusionLoraLoaderMixin`` pipelines such as ``TextToVideoSDPipeline``): the first of
+    ``_lora_loadable_modules``, the prefix of its keys in the saved file."""
+    modules = list(getattr(pipeline_cls, "_lora_loadable_modules", None) or ["transformer"])
+    return "unet" if "unet" in modules else modules[0]
 
 
 def load_lora(pipeline_cls, model: torch.nn.Module, directory: str, weight_name: Optional[str] = None) -> None:
@@ -109,10 +116,13 @@ def load_lora(pipeline_cls, model: torch.nn.Module, directory: str, weight_name:
         raise FileNotFoundError(f"LoRA weights not found at {directory!r}; point model.lora_path at a directory "
                                 "written by VideoPolicy.save_lora (or a pipeline's save_lora_weights)")
     full = pipeline_cls.lora_state_dict(directory, **({"weight_name": weight_name} if weight_name else {}))
-    prefix = "transformer."
+    if isinstance(full, tuple):  # (state_dict, network_alphas[, metadata]) for StableDiffusionLoraLoaderMixin
+        full = full[0]
+    name = _denoiser_name(pipeline_cls)
+    prefix = f"{name}."
     weights = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
     if not weights:
-        raise ValueError(f"{directory!r} holds no transformer LoRA weights (keys must start with 'transformer.')")
+        raise ValueError(f"{directory!r} holds no {name} LoRA weights (keys must start with '{prefix}')")
     weights = convert_unet_state_dict_to_peft(weights)
     expected = {k for k in lora_state_dict(model)}
     unknown = sorted(set(weights) - expected)

@@ -39,11 +39,12 @@ _PUNCT = ".,!?;:'\"-()/&+*%#@"
 _SPECIALS = ("<pad>", "</s>", "<unk>")  # T5 ids: pad = 0, eos = 1, unk = 2
 
 
-def build_tiny_tokenizer():
+def build_tiny_tokenizer(model_max_length: int = 512):
     """A T5-style fast tokenizer (pad=0, ``</s>``=1 appended, unk=2) built in code.
 
     Lower-cased, split on whitespace and punctuation, word-piece over :data:`TINY_VOCAB_WORDS`
-    with single-character fallback, so any ASCII prompt is encoded without ``<unk>``.
+    with single-character fallback, so any ASCII prompt is encoded without ``<unk>``. ``model_max_length``: 512
+    for T5 (Wan), 77 for a CLIP text encoder (``TextToVideoSDPipeline`` pads to it).
     """
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
@@ -59,7 +60,8 @@ def build_tiny_tokenizer():
     )
     tok.decoder = decoders.WordPiece()
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=512
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+        model_max_length=model_max_length
     )
 
 

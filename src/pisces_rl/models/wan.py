@@ -42,6 +42,7 @@ class WanFamily:
     """
 
     name = "wan"
+    sde_type = "flow_grpo"  # sampling.sde_type=auto: Flow-GRPO's SDE noise (a rectified-flow model)
 
     def __init__(self, experts: Optional[Sequence[str]] = None, guidance_scale_2: Optional[float] = None):
         self.experts = None if experts is None else tuple(experts)

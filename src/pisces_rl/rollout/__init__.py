@@ -6,8 +6,8 @@
 >>> ratio = torch.exp(new.log_prob - rollout.log_probs.gather(1, rollout.train_step_indices[:, :1]).squeeze(1))
 """
 from .sampler import rescore_log_prob, sample_rollout, select_train_steps
-from .sde import SDE_TYPES, SDEStep, sde_std, sde_std_table, sde_step_with_logprob
+from .sde import SDE_TYPES, SDEStep, resolve_sde_type, sde_std, sde_std_table, sde_step_with_logprob
 from .types import Rollout, cat
 
-__all__ = ["sde_step_with_logprob", "sde_std", "sde_std_table", "SDE_TYPES", "SDEStep", "Rollout", "cat", "sample_rollout", "rescore_log_prob",
+__all__ = ["sde_step_with_logprob", "sde_std", "sde_std_table", "SDE_TYPES", "resolve_sde_type", "SDEStep", "Rollout", "cat", "sample_rollout", "rescore_log_prob",
            "select_train_steps"]

@@ -11,7 +11,8 @@ initial noise per group, every difference between a group's videos then comes fr
 steps, instead of from noise the policy gradient cannot credit. ``None`` makes every step stochastic.
 
 Noise parametrisation (``sampling.sde_type``, recorded in ``Rollout.sde_type`` and used again when re-scoring):
-``"flow_grpo"`` or ``"dance_grpo"``, see :mod:`pisces_rl.rollout.sde`.
+``"flow_grpo"``, ``"dance_grpo"`` or ``"ddim"`` (DDPO's stochastic DDIM step), see :mod:`pisces_rl.rollout.sde`;
+``"auto"`` (the config default) takes the model family's class attribute ``sde_type``.
 
 Trained steps: only stochastic steps (``eta > 0``, inside the SDE window, and ``sigma_next > 0``, i.e.
 not the last of the T steps) have a log-probability. Of those ``T_s`` steps each video trains on
@@ -27,7 +28,7 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from .sde import SDEStep, check_sde_type, sde_step_with_logprob
+from .sde import SDEStep, check_sde_type, resolve_sde_type, sde_step_with_logprob
 from .types import Rollout, in_sde_window
 
 __all__ = ["sample_rollout", "rescore_log_prob", "select_train_steps"]
@@ -46,7 +47,7 @@ def _check_sampling_cfg(cfg: Any) -> None:
         raise ValueError(f"sampling.train_timestep_fraction must lie in (0, 1], got {frac}")
     if getattr(cfg, "decode_chunk_size", 0) < 0:
         raise ValueError(f"sampling.decode_chunk_size must be >= 0, got {cfg.decode_chunk_size}")
-    check_sde_type(getattr(cfg, "sde_type", "flow_grpo"))
+    check_sde_type(getattr(cfg, "sde_type", "flow_grpo"), allow_auto=True)
 
 
 def _window(cfg: Any, num_steps: int) -> Optional[Tuple[int, int]]:
@@ -91,11 +92,14 @@ def sample_rollout(policy: Any, prompts: Sequence[str], sampling_cfg: Any, gener
         prompts: B prompts (repeat a prompt G times for a GRPO group).
         sampling_cfg: a ``SamplingConfig``-like object (``num_frames, height, width,
             num_inference_steps, guidance_scale, eta, sde_type, train_timestep_fraction, decode_chunk_size,
-            negative_prompt, max_sequence_length``; a missing ``sde_type`` means ``"flow_grpo"``). CFG runs
+            negative_prompt, max_sequence_length``; a missing ``sde_type`` means ``"flow_grpo"``, ``"auto"`` the
+            family's ``sde_type`` attribute, recorded resolved in ``Rollout.sde_type``). CFG runs
             when ``guidance_scale > 1``.
         generator: torch generator (or one per video) for the initial noise, the SDE noise and the
             choice of trained steps.
-        latents: optional initial noise ``[B, C, F, h, w]`` (otherwise drawn like ``pipe(...)`` does).
+        latents: optional initial noise ``[B, C, F, h, w]`` (otherwise drawn like ``pipe(...)`` does); a family
+            with an ``initial_latents(pipe, noise, sigma0)`` hook maps it to the flow latent at ``sigmas[0]``
+            (a VP family: ``noise / (sqrt(ᾱ_0) + sqrt(1 − ᾱ_0))``), as ``pipe(latents=...)`` would use it.
         decode: decode the final latents to ``Rollout.videos`` (``[B, F, C, H, W]`` in [0, 1]).
 
     Returns:
@@ -116,7 +120,7 @@ def sample_rollout(policy: Any, prompts: Sequence[str], sampling_cfg: Any, gener
     timesteps, sigmas = policy.flow_schedule(cfg.num_inference_steps)
     window = _window(cfg, len(timesteps))
     block = int(getattr(cfg, "noise_block", 1))
-    sde_type = getattr(cfg, "sde_type", "flow_grpo")
+    sde_type = resolve_sde_type(getattr(cfg, "sde_type", "flow_grpo"), policy.family)  # "auto": the family's
 
     if latents is None:
         x = randn_tensor(shape, generator=generator, device=policy.device, dtype=torch.float32)
@@ -124,6 +128,9 @@ def sample_rollout(policy: Any, prompts: Sequence[str], sampling_cfg: Any, gener
         raise ValueError(f"initial latents have shape {tuple(latents.shape)}, expected {tuple(shape)}")
     else:
         x = latents.to(policy.device, torch.float32)
+    # the pipeline's initial noise as a flow latent at sigmas[0] (identity for flow families; a VP family rescales)
+    hook = getattr(policy.family, "initial_latents", None)
+    x = x if hook is None else hook(policy.pipeline, x, sigmas[0]).float()
 
     trajectory, log_probs = [x], []
     noisy = in_sde_window(torch.arange(len(timesteps)), window).tolist()

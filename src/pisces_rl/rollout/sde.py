@@ -36,11 +36,23 @@ differ only in how ``eta`` sets the noise:
   0.25 down to 0.034 for ``flow_grpo`` and from 0.046 up to 0.088 for ``dance_grpo``; the total injected
   variance is 0.256 and 0.062 (:func:`sde_std_table` computes both for any schedule).
 
+A third type, ``"ddim"`` (DDPO, kvablack/ddpo-pytorch ``ddpo_pytorch/diffusers_patch/ddim_with_logprob.py``), is
+the stochastic DDIM step of an ε/v-prediction model, computed in the VP coordinates of :mod:`pisces_rl.models.vp`
+and returned in flow coordinates (:mod:`pisces_rl.rollout.ddim` has the maths)::
+
+      std  = sigma_next * eta * sqrt(1 - q^2),     q = (1 - sigma) sigma_next / (sigma (1 - sigma_next))
+      mean = x + dt * v + sigma_next * (sqrt(1 - r) - 1) * (x + (1 - sigma) v),      r = (std / sigma_next)^2
+
+It needs ``eta <= 1`` (1 = DDPM) and works on any sigma grid, flow models included; its ``log_prob`` is DDPO's
+(the density of the VP latent, which adds ``0.5 log((1 - sigma_next)^2 + sigma_next^2)`` to the flow one).
+With ``noise_block > 1`` its eps correction is projected like the noise (the marginals are kept, as below).
+
 Edge cases, handled explicitly:
 
 * ``sigma == 1`` (the first step): for ``flow_grpo``, ``sigma / (1 - sigma)`` is infinite. As in Flow-GRPO,
   which uses the second sigma of the schedule there, the denominator becomes ``1 - sigma_next``.
-  ``dance_grpo`` needs no special case (its score term is ``-x`` there).
+  ``dance_grpo`` needs no special case (its score term is ``-x`` there), nor ``ddim`` (ᾱ = 0: ``q = 0``,
+  ``std = eta * sigma_next``).
 * ``sigma_next == 0`` (the last step) and ``eta == 0``: the step is deterministic. We return the
   plain Euler step (``mean`` reduces to ``x + dt * v`` when ``s_t = 0``), ``std = 0`` and
   ``log_prob = 0``: a point mass has no density, so these steps contribute a ratio of exactly 1
@@ -86,10 +98,14 @@ from typing import List, NamedTuple, Optional, Tuple, Union
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-__all__ = ["SDEStep", "SDE_TYPES", "sde_step_with_logprob", "sde_std", "sde_std_table", "check_sde_type"]
+from .ddim import ddim_eps_correction, ddim_log_prob_offset, ddim_std
 
-SDE_TYPES = ("flow_grpo", "dance_grpo")
-"""Names of the diffusion coefficients ``s_t`` (module docstring): Flow-GRPO's and DanceGRPO's / PISCES's."""
+__all__ = ["SDEStep", "SDE_TYPES", "sde_step_with_logprob", "sde_std", "sde_std_table", "check_sde_type",
+           "resolve_sde_type"]
+
+SDE_TYPES = ("flow_grpo", "dance_grpo", "ddim")
+"""Names of the noise types (module docstring): Flow-GRPO's and DanceGRPO's / PISCES's diffusion coefficients
+``s_t``, and DDPO's stochastic DDIM step (:mod:`pisces_rl.rollout.ddim`)."""
 
 Scalar = Union[float, torch.Tensor]
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
@@ -124,12 +140,27 @@ def _as_batch_column(value: Scalar, name: str, batch: int, ndim: int, device: to
     return t.reshape(-1, *([1] * (ndim - 1)))
 
 
-def check_sde_type(sde_type: str) -> str:
-    """``sde_type`` if it is one of :data:`SDE_TYPES`, else a ``ValueError`` naming the choices."""
-    if sde_type not in SDE_TYPES:
-        raise ValueError(f"sde_type must be one of {', '.join(repr(t) for t in SDE_TYPES)} (sampling.sde_type), "
+def check_sde_type(sde_type: str, allow_auto: bool = False) -> str:
+    """``sde_type`` if it is one of :data:`SDE_TYPES` (or ``"auto"`` when allowed), else a ``ValueError``."""
+    if sde_type not in SDE_TYPES and not (allow_auto and sde_type == "auto"):
+        choices = ("auto",) * allow_auto + SDE_TYPES
+        raise ValueError(f"sde_type must be one of {', '.join(repr(t) for t in choices)} (sampling.sde_type), "
                          f"got {sde_type!r}")
     return sde_type
+
+
+def resolve_sde_type(sde_type: str, family: object = None) -> str:
+    """The noise type to sample with: ``sde_type`` itself, or for ``"auto"`` the model family's choice, its class
+    attribute ``sde_type`` (e.g. ``"flow_grpo"`` for Wan, ``"ddim"`` for an ε/v-prediction family); a family
+    without one gets ``"flow_grpo"``."""
+    check_sde_type(sde_type, allow_auto=True)
+    if sde_type != "auto":
+        return sde_type
+    chosen = getattr(family, "sde_type", "flow_grpo")
+    try:
+        return check_sde_type(chosen)
+    except ValueError as err:
+        raise ValueError(f"model family {getattr(family, 'name', family)!r} declares sde_type={chosen!r}: {err}") from None
 
 
 def sde_std(sigma: Scalar, sigma_next: Scalar, eta: Scalar, sde_type: str = "flow_grpo") -> torch.Tensor:
@@ -138,6 +169,8 @@ def sde_std(sigma: Scalar, sigma_next: Scalar, eta: Scalar, sde_type: str = "flo
     ``"flow_grpo"``: ``eta * sqrt(sigma / (1 - sigma~)) * sqrt(sigma - sigma_next)``, where ``sigma~`` is
     ``sigma`` except at ``sigma == 1``, where it is ``sigma_next`` (no division by zero).
     ``"dance_grpo"``: ``eta * sqrt(sigma - sigma_next)``.
+    ``"ddim"``: ``sigma_next * eta * sqrt(1 - q^2)``, ``q = (1 - sigma) sigma_next / (sigma (1 - sigma_next))``:
+    DDPO's ``eta * sqrt(variance)`` in flow coordinates (:func:`pisces_rl.rollout.ddim.ddim_std`).
     Shapes broadcast; float64 inputs give float64, anything else float32.
     """
     check_sde_type(sde_type)
@@ -145,6 +178,8 @@ def sde_std(sigma: Scalar, sigma_next: Scalar, eta: Scalar, sde_type: str = "flo
     dtype = torch.float64 if sigma.dtype == torch.float64 else torch.float32
     sigma = sigma.to(dtype)
     sigma_next = torch.as_tensor(sigma_next, device=sigma.device).to(dtype)
+    if sde_type == "ddim":
+        return ddim_std(sigma, sigma_next, eta)
     if sde_type == "flow_grpo":
         s_t = eta * torch.sqrt(sigma / (1.0 - torch.where(sigma >= 1.0, sigma_next, sigma)))
     else:
@@ -193,7 +228,7 @@ def sde_step_with_logprob(
     noise_block: int = 1,
     sde_type: str = "flow_grpo",
 ) -> SDEStep:
-    """One SDE step ``x_sigma -> x_sigma_next`` (Flow-GRPO or DanceGRPO noise) and its log-probability.
+    """One SDE step ``x_sigma -> x_sigma_next`` (Flow-GRPO, DanceGRPO or DDIM noise) and its log-probability.
 
     Args:
         velocity: ``[B, C, F, h, w]`` (any ``[B, ...]``) predicted velocity ``v = eps - x0`` at
@@ -210,8 +245,9 @@ def sde_step_with_logprob(
             ``noise_block = k`` its block average is used (``P eps = U z``, ``z = U^T eps ~ N(0, I)``).
         noise_block: ``k``; 1 = i.i.d. noise on every latent element. ``k > 1`` = low-dimensional
             exploration: one noise draw per ``k x k`` spatial block (see the module docstring).
-        sde_type: the diffusion coefficient, ``"flow_grpo"`` (``s_t = eta sqrt(sigma / (1 - sigma))``) or
-            ``"dance_grpo"`` (``s_t = eta``, the DanceGRPO / PISCES code); see the module docstring.
+        sde_type: the noise type, ``"flow_grpo"`` (``s_t = eta sqrt(sigma / (1 - sigma))``),
+            ``"dance_grpo"`` (``s_t = eta``, the DanceGRPO / PISCES code) or ``"ddim"`` (DDPO's stochastic DDIM
+            step, ``eta <= 1``; its ``log_prob`` is DDPO's, in VP coordinates); see the module docstring.
 
     Returns:
         :class:`SDEStep` ``(prev_sample, log_prob [B], mean [B, ...], std [B, 1, ...])``, all float32.
@@ -245,13 +281,17 @@ def sde_step_with_logprob(
                          f"{tuple(x.shape[-2:])}, got {noise_block}")
     dt = sigma_n - sigma_t  # < 0
     std = sde_std(sigma_t, sigma_n, eta, sde_type)
-    # s_t^2 = std^2 / (-dt); zero on deterministic steps, where mean is the plain Euler step.
-    s2 = std.square() / (-dt)
-    if k == 1:
-        mean = x * (1.0 + s2 / (2.0 * sigma_t) * dt) + v * (1.0 + s2 * (1.0 - sigma_t) / (2.0 * sigma_t)) * dt
-    else:  # the score correction only where the noise goes: P = U U^T, the k x k block average
-        correction = s2 / (2.0 * sigma_t) * dt * (x + (1.0 - sigma_t) * v)
-        mean = x + v * dt + _unpool(_pool(correction, k), k)
+    if sde_type == "ddim":  # Euler + DDIM's reduced eps term (rollout/ddim.py); exactly Euler at eta = 0
+        correction = ddim_eps_correction(x, v, sigma_t, sigma_n, eta)
+        mean = x + v * dt + (correction if k == 1 else _unpool(_pool(correction, k), k))
+    else:
+        # s_t^2 = std^2 / (-dt); zero on deterministic steps, where mean is the plain Euler step.
+        s2 = std.square() / (-dt)
+        if k == 1:
+            mean = x * (1.0 + s2 / (2.0 * sigma_t) * dt) + v * (1.0 + s2 * (1.0 - sigma_t) / (2.0 * sigma_t)) * dt
+        else:  # the score correction only where the noise goes: P = U U^T, the k x k block average
+            correction = s2 / (2.0 * sigma_t) * dt * (x + (1.0 - sigma_t) * v)
+            mean = x + v * dt + _unpool(_pool(correction, k), k)
     std = std.expand(batch, *std.shape[1:])
     stochastic = std > 0  # [B, 1, ..., 1]
 
@@ -271,6 +311,8 @@ def sde_step_with_logprob(
     resid = prev_sample - mean if k == 1 else _pool(prev_sample - mean, k) * k   # U^T (x' - mean)
     elem = -(resid**2) / (2.0 * safe_std**2) - torch.log(safe_std) - _HALF_LOG_2PI
     log_prob = elem.mean(dim=tuple(range(1, ndim)))
+    if sde_type == "ddim":  # DDPO's density is in VP coordinates: + the rescaling's log-Jacobian per element
+        log_prob = log_prob + ddim_log_prob_offset(sigma_n).reshape(-1)
     log_prob = torch.where(stochastic.reshape(batch), log_prob, torch.zeros_like(log_prob))
     return SDEStep(prev_sample=prev_sample, log_prob=log_prob, mean=mean, std=std)
 

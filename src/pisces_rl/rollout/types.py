@@ -54,7 +54,7 @@ class Rollout:
     eta: float = 0.0                                # SDE noise level used when sampling (needed to re-score)
     sde_window: Optional[Tuple[int, int]] = None    # steps [start, stop) sampled with eta; the rest are ODE steps
     noise_block: int = 1                            # SDE noise: one draw per k x k latent block (1 = per element)
-    sde_type: str = "flow_grpo"                     # SDE noise parametrisation ("flow_grpo" | "dance_grpo")
+    sde_type: str = "flow_grpo"                     # noise type ("flow_grpo" | "dance_grpo" | "ddim")
 
     _BATCHED = ("prompt_embeds", "negative_prompt_embeds", "latents", "log_probs", "train_step_indices", "videos")
 

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from ..config import ConfigError, GRPOConfig, batch_arithmetic
-from ..rollout import Rollout, rescore_log_prob, sample_rollout, sde_std_table
+from ..rollout import Rollout, rescore_log_prob, resolve_sde_type, sample_rollout, sde_std_table
 from .accel import gradient_sync, zero_stage
 from .advantages import gather_scores, group_advantages
 from .base import RewardsArg, TrainerBase, logger, seed_for
@@ -53,8 +53,10 @@ class GRPOTrainer(TrainerBase):
         self._setup_prompts(prompts)
         self._setup_optimizer(self.batch["optimizer_steps_per_iteration"] * config.train.max_steps)
         s = config.sampling  # the exploration the SDE sampler will inject (rollout/sde.py, sde_std_table)
-        std, var = sde_std_table(self.policy.flow_schedule(s.num_inference_steps)[1], s.eta, s.sde_type, s.sde_window)
-        logger.info("SDE %s eta=%g: per-step std %s, total injected variance %.4g", s.sde_type, s.eta,
+        sde_type = resolve_sde_type(s.sde_type, self.policy.family)   # "auto": the family's (sample_rollout too)
+        std, var = sde_std_table(self.policy.flow_schedule(s.num_inference_steps)[1], s.eta, sde_type, s.sde_window)
+        logger.info("SDE %s%s eta=%g: per-step std %s, total injected variance %.4g", sde_type,
+                    " (sampling.sde_type=auto: the model family's)" if s.sde_type == "auto" else "", s.eta,
                     [round(x, 4) for x in std.tolist()], var)
 
     def train_step(self, iteration: int) -> dict[str, float]:

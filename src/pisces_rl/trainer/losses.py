@@ -132,6 +132,12 @@ def gaussian_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: Union[float, to
     step's own ``std`` and ``dt`` keeps the convention defined for any SDE (``sampling.sde_type``): the exact
     KL is ``anchor / |dt|``, 7 to 55 times larger on typical 16--20 step grids.
 
+    For ``sampling.sde_type = "ddim"`` (DDPO's DDIM step; DDPO itself has no KL) ``mean`` and ``std`` are the flow-
+    coordinate ones the step returns and ``dt = sigma_next - sigma`` the flow step, so the trainer's value is
+    ``|sigma' - sigma| * mean_d (mu - mu_ref)^2 / (2 std^2)``: the *exact* part is the KL of the two DDIM
+    transitions, the same in VP coordinates (mean and std are both scaled by ``sqrt(ab') + sqrt(1 - ab')``), and
+    the factor ``|dt|`` puts it on the same (Flow-GRPO) scale as the flow types, ``g^2 = std^2 / |dt|``.
+
     "mean_d" averages over the latent's elements, like the step log-prob (Flow-GRPO), so the value does not
     grow with the video size. With ``noise_block = k > 1`` the step's density lives on the ``k x k``
     block-constant subspace (:mod:`pisces_rl.rollout.sde`): only the block-averaged mean difference counts,
