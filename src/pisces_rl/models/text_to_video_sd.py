@@ -67,29 +67,38 @@ def enable_unet_lora(pipe: Any) -> Any:
     return pipe
 
 
-def build_tiny_text_to_video_sd_pipeline(seed: int = 0) -> Any:
+def build_tiny_text_to_video_sd_pipeline(seed: int = 0, *, transformer_kwargs: Optional[dict] = None,
+                                        vae_kwargs: Optional[dict] = None,
+                                        text_encoder_kwargs: Optional[dict] = None) -> Any:
     """A tiny random ``TextToVideoSDPipeline`` built in code (sizes of diffusers' own
     ``tests/pipelines/text_to_video_synthesis/test_text_to_video.py`` ``get_dummy_components``: UNet channels (4, 8),
     one layer per block, a one-block VAE (no spatial downsampling), a 2-layer CLIP text encoder), with the word-piece
     tokenizer of :func:`~pisces_rl.models.tiny.build_tiny_tokenizer` (77 tokens) and a width-16 text encoder.
-    Scheduler: SD's DDIM betas with ``set_alpha_to_one=True`` (so diffusers' loop also ends on x̂0)."""
+    Scheduler: SD's DDIM betas with ``set_alpha_to_one=True`` (so diffusers' loop also ends on x̂0).
+    ``transformer_kwargs`` (the UNet's) / ``vae_kwargs`` / ``text_encoder_kwargs`` (``CLIPTextConfig``) override the
+    tiny configs (e.g. a published architecture with random weights, as ``benchmarks/gpu_families.py`` builds it);
+    the UNet's ``cross_attention_dim`` follows the text encoder's width."""
     from diffusers import AutoencoderKL, DDIMScheduler, TextToVideoSDPipeline, UNet3DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from .tiny import _seeded, build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer(model_max_length=77)
-    unet = _seeded(seed, lambda: UNet3DConditionModel(
-        block_out_channels=(4, 8), layers_per_block=1, sample_size=32, in_channels=4, out_channels=4,
-        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"), up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
-        cross_attention_dim=16, attention_head_dim=4, norm_num_groups=2))
-    vae = _seeded(seed, lambda: AutoencoderKL(
-        block_out_channels=(8,), in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"],
-        up_block_types=["UpDecoderBlock2D"], latent_channels=4, sample_size=32, norm_num_groups=2))
-    text_encoder = _seeded(seed, lambda: CLIPTextModel(CLIPTextConfig(
-        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        hidden_size=16, intermediate_size=32, layer_norm_eps=1e-5, num_attention_heads=2, num_hidden_layers=2,
-        vocab_size=len(tokenizer), max_position_embeddings=77, hidden_act="gelu", projection_dim=16)))
+    te_cfg = dict(bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id, hidden_size=16, intermediate_size=32, layer_norm_eps=1e-5,
+                  num_attention_heads=2, num_hidden_layers=2, vocab_size=len(tokenizer), max_position_embeddings=77,
+                  hidden_act="gelu", projection_dim=16, **(text_encoder_kwargs or {}))
+    unet_cfg = dict(block_out_channels=(4, 8), layers_per_block=1, sample_size=32, in_channels=4, out_channels=4,
+                    down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+                    up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"), attention_head_dim=4, norm_num_groups=2)
+    unet_cfg.update(transformer_kwargs or {})
+    unet_cfg["cross_attention_dim"] = te_cfg["hidden_size"]
+    vae_cfg = dict(block_out_channels=(8,), in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"],
+                   up_block_types=["UpDecoderBlock2D"], latent_channels=4, sample_size=32, norm_num_groups=2)
+    vae_cfg.update(vae_kwargs or {})
+    unet = _seeded(seed, lambda: UNet3DConditionModel(**unet_cfg))
+    vae = _seeded(seed, lambda: AutoencoderKL(**vae_cfg))
+    text_encoder = _seeded(seed, lambda: CLIPTextModel(CLIPTextConfig(**te_cfg)))
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                               set_alpha_to_one=True, steps_offset=1)
     pipe = TextToVideoSDPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
@@ -104,8 +113,15 @@ class TextToVideoSDFamily:
     name = "text_to_video_sd"
     sde_type = "ddim"  # sampling.sde_type=auto: DDPO's stochastic DDIM step (rollout/ddim.py)
 
-    def build_tiny_pipeline(self, seed: int = 0) -> Any:
-        return build_tiny_text_to_video_sd_pipeline(seed=seed)
+    def build_tiny_pipeline(self, seed: int = 0, **overrides: Any) -> Any:
+        """The tiny test pipeline; ``overrides`` go to :func:`build_tiny_text_to_video_sd_pipeline`."""
+        return build_tiny_text_to_video_sd_pipeline(seed=seed, **overrides)
+
+    def lora_load_code(self, lora: str, directory: Optional[str] = None) -> str:
+        """Model-card lines: diffusers 0.42's ``UNet3DConditionModel`` has no LoRA loader until
+        :func:`enable_unet_lora` gives it one."""
+        return ("from pisces_rl.models.text_to_video_sd import enable_unet_lora\n\n"
+                f'enable_unet_lora(pipe)\npipe.load_lora_weights("{lora}")')
 
     def load_pipeline(self, pretrained: str, torch_dtype: torch.dtype) -> Any:
         from diffusers import TextToVideoSDPipeline

@@ -59,6 +59,17 @@ class WanFamily:
             return build_tiny_wan_pipeline(seed=seed, **kwargs)
         return build_tiny_wan22_pipeline(variant, seed=seed, **kwargs)
 
+    def lora_load_code(self, lora: str, directory: Optional[str] = None) -> str:
+        """Model-card lines that load the saved LoRA into ``pipe``: one call per expert file in ``directory``
+        (Wan 2.2 A14B writes ``transformer_2``'s to its own file), else the single ``load_lora_weights``."""
+        second = "pytorch_lora_weights_transformer_2.safetensors"
+        lines = []
+        if directory is None or os.path.exists(os.path.join(directory, "pytorch_lora_weights.safetensors")):
+            lines.append(f'pipe.load_lora_weights("{lora}")')
+        if directory is not None and os.path.exists(os.path.join(directory, second)):
+            lines.append(f'pipe.load_lora_weights("{lora}", weight_name="{second}", load_into_transformer_2=True)')
+        return "\n".join(lines) or f'pipe.load_lora_weights("{lora}")'
+
     def load_pipeline(self, pretrained: str, torch_dtype: torch.dtype) -> Any:
         from diffusers import WanPipeline
 

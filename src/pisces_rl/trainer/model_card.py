@@ -52,8 +52,21 @@ def _num(v: Any) -> str:
     return f"{v:.4g}" if abs(v) >= 1e4 or (v != 0 and abs(v) < 1e-3) else f"{v:.4f}"
 
 
+def _lora_load_code(lora: str, model: Mapping[str, Any], directory: Optional[str]) -> str:
+    """The lines that load the saved LoRA into ``pipe``: the family's ``lora_load_code(lora, directory)`` if it has
+    one (e.g. Wan 2.2's second expert, a UNet that needs LoRA support first), else ``pipe.load_lora_weights``."""
+    try:
+        from pisces_rl.models import get_family
+
+        family = get_family(str(model.get("family", "wan")), model.get("family_options") or None)
+    except (ValueError, TypeError):
+        family = None
+    hook = getattr(family, "lora_load_code", None)
+    return hook(lora, directory) if hook is not None else f"pipe.load_lora_weights(\"{lora}\")"
+
+
 def _load_snippet(base_model: str, pipeline_class: str, lora: str, prompt: str, sampling: Mapping[str, Any],
-                  fps: int, model: Mapping[str, Any]) -> str:
+                  fps: int, model: Mapping[str, Any], directory: Optional[str] = None) -> str:
     if base_model == "tiny":  # the model.family's tiny pipeline, e.g. build_tiny_wan_pipeline
         load = ("from pisces_rl.models import get_family\n\n"
                 f"pipe = get_family({str(model.get('family', 'wan'))!r}).build_tiny_pipeline(seed="
@@ -66,7 +79,7 @@ def _load_snippet(base_model: str, pipeline_class: str, lora: str, prompt: str, 
     call = ", ".join(f"{k}={sampling[k]!r}" for k in ("num_frames", "height", "width", "num_inference_steps",
                                                       "guidance_scale", "max_sequence_length") if k in sampling)
     return (f"```python\nimport torch\nfrom diffusers import {pipeline_class}\nfrom diffusers.utils import "
-            f"export_to_video\n{load}\npipe.load_lora_weights(\"{lora}\")\n\n"
+            f"export_to_video\n{load}\n{_lora_load_code(lora, model, directory)}\n\n"
             f"video = pipe({prompt!r}, {call}).frames[0]\nexport_to_video(video, \"video.mp4\", fps={fps})\n```")
 
 
@@ -120,7 +133,7 @@ def write_model_card(directory: str, *, base_model: str, pipeline_class: str, tr
                   f"![base vs trained]({sample_name})" if sample_name.endswith(".gif")
                   else f'<video src="{sample_name}" controls autoplay loop muted></video>', ""]
     lines += ["## Use it with 🧨 diffusers", "",
-              _load_snippet(base_model, pipeline_class, where, prompt, sampling, fps, model), "",
+              _load_snippet(base_model, pipeline_class, where, prompt, sampling, fps, model, directory), "",
               "Or with the pisces_rl command line, whose sampler is the one of the run's evaluation (η = 0): the "
               f"evaluation prompts, in order, with `--seed {train.get('seed', 0)} --batch-size "
               f"{train.get('sample_batch_size', 1)}` reproduce the sample above.", "",
