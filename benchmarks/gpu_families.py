@@ -113,6 +113,13 @@ ARCHITECTURES: List[Dict[str, Any]] = [
          vae=("AutoencoderKLCogVideoX", {"scaling_factor": 0.7}),
          text_encoder={"d_model": 4096, "num_layers": 1}, options={"version": "1.0"},
          source=f"{DIFFUSERS} scripts/convert_cogvideox_to_diffusers.py (5B: 42 layers, 48 heads, RoPE, 0.7)"),
+    dict(name="Mochi-1-preview", family="mochi", recipe="grpo_mochi*.yaml",
+         tiny={"sampling.num_frames": 7},   # 6k+1 frames (the Mochi VAE decodes 6(f-1)+1)
+         transformer=("MochiTransformer3DModel", {}), vae=("AutoencoderKLMochi", {}),
+         text_encoder={"d_model": 4096, "num_layers": 1}, options={},   # T5-XXL's width
+         source="huggingface/diffusers@0a542307296aec403912abc53397328581abed7c scripts/convert_mochi_to_diffusers.py "
+                "main(): MochiTransformer3DModel() defaults (48 layers, 24 heads x 128); VAE: AutoencoderKLMochi() "
+                "defaults (the script's VAE conversion is commented out)"),
     dict(name="text-to-video-ms-1.7b", family="text_to_video_sd", recipe="grpo_text_to_video_sd*.yaml",
          transformer=("UNet3DConditionModel", {}),
          vae=("AutoencoderKL", dict(block_out_channels=[128, 256, 512, 512], latent_channels=4, layers_per_block=2,

@@ -252,6 +252,31 @@ for _key, _text in {  # the ModelScope T2V recipe (text_to_video_sd family): DDP
     _entry = SOURCES.get(_key)
     SOURCES[_key] = {**_entry, MS: _text} if isinstance(_entry, dict) else {**({"*": _entry} if _entry else {}),
                                                                             MS: _text}
+MOCHI, MP = "grpo_mochi_preview", "diffusers `MochiPipeline.__call__` default"
+MOCHI_WAN = "not sourced for Mochi (no RL code trains it): as `grpo_short_video_wan.yaml`"
+for _key, _text in {  # the Mochi 1 recipe (mochi family): pipeline defaults; LoRA/optimiser from Flow-GRPO's Wan run
+        "model.pretrained": "genmo/mochi-1-preview (diffusers `MochiPipeline` checkpoint)",
+        "model.family": "the `MochiPipeline` family (inverted flow time)",
+        "model.finetune": "LoRA: FastVideo / PISCES distill code \"LoRA is only supported for Mochi\" (`use_lora`)",
+        "model.lora_rank": f"not sourced for Mochi RL: {FG}'s Wan2.1 LoRA (`scripts/train_wan2_1.py` r 32, α 64)",
+        "model.lora_alpha": f"not sourced for Mochi RL: {FG}'s Wan2.1 LoRA (`scripts/train_wan2_1.py` r 32, α 64)",
+        "model.lora_target_modules": "FastVideo's Mochi LoRA targets (`to_k, to_q, to_v, to_out.0`)",
+        "sampling.num_frames": f"{MP} (19 = 6k+1)", "sampling.height": f"{MP} (`default_height` 480)",
+        "sampling.width": f"{MP} (`default_width` 848)",
+        "sampling.num_inference_steps": f"{MP} (64; linear-quadratic schedule, threshold 0.025)",
+        "sampling.guidance_scale": f"{MP} (4.5, true CFG)",
+        "sampling.eta": MOCHI_WAN, "sampling.sde_type": f"dance_grpo: {PC} `distill_grpo.py` flux_step (from {DG})",
+        "sampling.train_timestep_fraction": f"not sourced: 16 of the 64 steps, for cost ({DG} 0.6 of 16)",
+        "sampling.max_sequence_length": f"{MP} (256 T5 tokens)",
+        "train.learning_rate": f"not sourced for Mochi: {FG}'s Wan2.1 LoRA lr (`config/grpo.py` `general_ocr_wan2_1`)",
+        "train.max_steps": MOCHI_WAN, "train.prompts_per_step": MOCHI_WAN, "train.num_generations": MOCHI_WAN,
+        "train.train_batch_size": "not sourced; × gradient_accumulation_steps = one optimiser step per iteration",
+        "train.gradient_accumulation_steps": "see train_batch_size",
+        "rewards.encoder": SOURCES["rewards.encoder"]["wan"], "rewards.ot_map": SOURCES["rewards.ot_map"]["wan"],
+        "rewards.num_frames": SOURCES["rewards.num_frames"]["wan"], "data.prompts": MOCHI_WAN}.items():
+    _entry = SOURCES.get(_key)
+    SOURCES[_key] = {**_entry, MOCHI: _text} if isinstance(_entry, dict) else {**({"*": _entry} if _entry else {}),
+                                                                               MOCHI: _text}
 BACKPROP = {  # the backprop table's sources where they differ from SOURCES
     "model.finetune": {"*": "LoRA (library default)", "wan": f"LoRA, as the released {REL} (r 256, α 32)"},
     "rewards.weights.ot_quality": f"paper §4; released {REL}: both reward weights and `--consistency_loss_weight` 1",
