@@ -15,7 +15,8 @@ from diffusers.pipelines.mochi.pipeline_mochi import linear_quadratic_schedule
 
 from pisces_rl.config import BackpropConfig, GRPOConfig, load_config
 from pisces_rl.models import build_policy, build_tiny_mochi_pipeline
-from pisces_rl.models.mochi import unpack_conditioning
+from pisces_rl.models.base import with_shift
+from pisces_rl.models.mochi import mochi_sigmas, unpack_conditioning
 from pisces_rl.rollout import Rollout, rescore_log_prob, sample_rollout
 
 from _models import model_cfg
@@ -63,6 +64,11 @@ def test_schedule_is_the_pipelines_inverted_linear_quadratic_grid(policy):
     torch.testing.assert_close(sigmas, 1 - sched.sigmas, atol=1e-6, rtol=0)
     torch.testing.assert_close(timesteps, 1000 - sched.timesteps, atol=1e-3, rtol=0)
     assert sigmas[0] == 1 and sigmas[-1] == 0 and bool((sigmas[1:] < sigmas[:-1]).all())
+    shifted = with_shift(sched, 3.0)                                       # model.scheduler_shift: same in both
+    _, sigmas3 = mochi_sigmas(shifted, 8, torch.device("cpu"))
+    shifted.set_timesteps(sigmas=linear_quadratic_schedule(8, 0.025))
+    torch.testing.assert_close(sigmas3, 1 - shifted.sigmas, atol=1e-6, rtol=0)
+    assert (sigmas3[1:-1] > sigmas[1:-1]).all()
     with pytest.raises(ValueError, match="6k\\+1"):
         policy.latent_shape(1, 9, 16, 16)
     with pytest.raises(ValueError, match="multiples of 16"):
