@@ -16,11 +16,13 @@ from .wan import WanFamily
 from .hunyuan_video import HunyuanVideoFamily
 from .hunyuan_video_tiny import build_tiny_hunyuan_video_pipeline
 from .cogvideox import CogVideoXFamily, build_tiny_cogvideox_pipeline
+from .ltx_video import LTXVideoFamily, build_tiny_ltx_video_pipeline
 
 __all__ = [
     "VideoPolicy", "build_policy", "build_tiny_wan_pipeline", "build_tiny_wan22_pipeline", "build_tiny_tokenizer",
     "ModelFamily", "WanFamily", "CogVideoXFamily", "build_tiny_cogvideox_pipeline",
     "TextToVideoSDFamily", "build_tiny_text_to_video_sd_pipeline",
     "register_family", "get_family", "flow_match_schedule", "resolve_dtype", "FINETUNE_MODES", "UpdateRatio",
-    "save_denoiser", "HunyuanVideoFamily", "build_tiny_hunyuan_video_pipeline",
+    "save_denoiser", "HunyuanVideoFamily", "build_tiny_hunyuan_video_pipeline", "LTXVideoFamily",
+    "build_tiny_ltx_video_pipeline",
 ]
