@@ -140,10 +140,11 @@ brightness.differentiable = True
 
 
 def test_one_grpo_step_changes_only_lora(tmp_path):
+    """With denoiser gradient checkpointing on (as the GPU recipe)."""
     from pisces_rl.trainer import GRPOTrainer
 
     cfg = load_config(GRPOConfig, None, [f"output_dir={tmp_path}", *COMMON, "train.train_batch_size=2",
-                                         "train.epsilon=0.2"])
+                                         "train.epsilon=0.2", "model.gradient_checkpointing=true"])
     trainer = GRPOTrainer(cfg, rewards={"brightness": brightness})
     before = _trainable_and_frozen(trainer)
     metrics = trainer.train()
