@@ -120,6 +120,14 @@ ARCHITECTURES: List[Dict[str, Any]] = [
          source="huggingface/diffusers@0a542307296aec403912abc53397328581abed7c scripts/convert_mochi_to_diffusers.py "
                 "main(): MochiTransformer3DModel() defaults (48 layers, 24 heads x 128); VAE: AutoencoderKLMochi() "
                 "defaults (the script's VAE conversion is commented out)"),
+    dict(name="LTX-Video-2B-0.9.0", family="ltx_video", recipe="grpo_ltx_video*.yaml",
+         transformer=("LTXVideoTransformer3DModel", {}),       # convert_transformer(): LTXVideoTransformer3DModel()
+         vae=("AutoencoderKLLTXVideo", {}),   # get_vae_config("0.9.0") = the class defaults (0.42.1: with the
+                                               # mid block's decoder_inject_noise entry, 5 flags)
+         text_encoder={"d_model": 4096, "num_layers": 1}, options={},   # google/t5-v1_1-xxl's width
+         source="huggingface/diffusers@0871dc6edadd1f4ddd6d674252cbf344d7dffe9f scripts/convert_ltx_to_diffusers.py "
+                "convert_transformer(): LTXVideoTransformer3DModel() defaults; get_vae_config('0.9.0'); scheduler "
+                "use_dynamic_shifting, base/max shift 0.95/2.05, shift_terminal 0.1"),
     dict(name="text-to-video-ms-1.7b", family="text_to_video_sd", recipe="grpo_text_to_video_sd*.yaml",
          transformer=("UNet3DConditionModel", {}),
          vae=("AutoencoderKL", dict(block_out_channels=[128, 256, 512, 512], latent_channels=4, layers_per_block=2,

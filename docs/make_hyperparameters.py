@@ -277,6 +277,35 @@ for _key, _text in {  # the Mochi 1 recipe (mochi family): pipeline defaults; Lo
     _entry = SOURCES.get(_key)
     SOURCES[_key] = {**_entry, MOCHI: _text} if isinstance(_entry, dict) else {**({"*": _entry} if _entry else {}),
                                                                                MOCHI: _text}
+LTX, LTXP = "grpo_ltx_video_2b", "diffusers `LTXPipeline.__call__` default and the LTX-Video model card example"
+for _key, _text in {  # the LTX-Video GPU recipe (ltx_video family); no GRPO code trains LTX-Video
+        "model.pretrained": "the LTX-Video model card (diffusers `LTXPipeline`: T5-XXL, dynamic-shift flow scheduler); "
+        "the paper: VideoCrafter2, HunyuanVideo", "model.family": "the LTXPipeline adapter (`models/ltx_video.py`)",
+        "model.finetune": "LoRA, as the video GRPO LoRA runs (Flow-GRPO Wan)",
+        "model.lora_rank": f"not sourced for LTX-Video: {FG} `scripts/train_wan2_1.py` (r 32, α 64); finetrainers' LTX "
+        "LoRA SFT example: r 128, α 128", "model.lora_target_modules": "attention q/k/v/out, as finetrainers' LTX LoRA "
+        "example `--target_modules`", "sampling.num_frames": f"{LTXP} (161 = 8k+1)",
+        "sampling.height": "the model card / diffusers LTX example (480×704)",
+        "sampling.num_inference_steps": f"{LTXP} (50)", "sampling.guidance_scale": f"{LTXP} (3; guidance_rescale 0)",
+        "sampling.eta": f"{PC} `distill_grpo.py` (`flux_step(..., eta=0.25)`), as the Wan recipes",
+        "rewards.encoder": COGVIDEOX["rewards.encoder"], "rewards.ot_map": COGVIDEOX["rewards.ot_map"],
+        "rewards.num_frames": COGVIDEOX["rewards.num_frames"], "data.prompts": COGVIDEOX["data.prompts"],
+        "sampling.sde_type": "dance_grpo: the PISCES code's `flux_step` (DanceGRPO), as the Wan recipes",
+        "sampling.train_timestep_fraction": f"not sourced: 15 of the 50 SDE steps, for cost ({FG} Wan 0.99, {DG} Wan 0.6)",
+        "sampling.max_sequence_length": "`LTXPipeline` default 128 (`convert_ltx_to_diffusers.py` tokenizer length)",
+        "rewards.temporal_windows": "ours: 161 frames as 4 windows of 8, averaged; not sourced",
+        "train.max_steps": COGVIDEOX["train.max_steps"], "train.prompts_per_step": COGVIDEOX["train.prompts_per_step"],
+        "train.num_generations": COGVIDEOX["train.num_generations"],
+        "train.train_batch_size": COGVIDEOX["train.train_batch_size"],
+        "train.gradient_accumulation_steps": COGVIDEOX["train.gradient_accumulation_steps"],
+        "train.learning_rate": f"not sourced for LTX-Video: {FG} `config/grpo.py` `general_ocr_wan2_1` (video LoRA r 32, "
+        "α 64); no video GRPO code trains LTX-Video. finetrainers' LTX LoRA SFT: 3e-5 at r 128, α 128",
+        }.items():
+    _entry = SOURCES.get(_key)
+    SOURCES[_key] = {**_entry, LTX: _text} if isinstance(_entry, dict) else {**({"*": _entry} if _entry else {}),
+                                                                             LTX: _text}
+SOURCES["model.lora_alpha"] = {**SOURCES["model.lora_alpha"], LTX: SOURCES["model.lora_rank"][LTX]}
+SOURCES["sampling.width"] = {**SOURCES["sampling.width"], LTX: SOURCES["sampling.height"][LTX]}
 BACKPROP = {  # the backprop table's sources where they differ from SOURCES
     "model.finetune": {"*": "LoRA (library default)", "wan": f"LoRA, as the released {REL} (r 256, α 32)"},
     "rewards.weights.ot_quality": f"paper §4; released {REL}: both reward weights and `--consistency_loss_weight` 1",

@@ -45,7 +45,8 @@ def test_tiny_table_rows_columns_and_positive_measurements(bench, tmp_path, caps
         assert r["decode s"] < r["sample s"]
     for r in rows:
         assert r["status"] in ("ok", bench.NO_CKPT), r       # every family of the table runs at tiny size
-    assert {r["family"] for r in rows} == {"wan", "hunyuan_video", "cogvideox", "text_to_video_sd", "mochi"}
+    assert {r["family"] for r in rows} == {"wan", "hunyuan_video", "cogvideox", "text_to_video_sd", "mochi",
+                                           "ltx_video"}
     assert sum(r["architecture"] == "Wan2.1-T2V-1.3B" for r in rows) == 2
     assert len(table.strip().splitlines()) >= 2 + len(rows)
 

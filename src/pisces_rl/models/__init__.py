@@ -17,6 +17,7 @@ from .hunyuan_video import HunyuanVideoFamily
 from .hunyuan_video_tiny import build_tiny_hunyuan_video_pipeline
 from .cogvideox import CogVideoXFamily, build_tiny_cogvideox_pipeline
 from .mochi import MochiFamily, build_tiny_mochi_pipeline
+from .ltx_video import LTXVideoFamily, build_tiny_ltx_video_pipeline
 
 __all__ = [
     "VideoPolicy", "build_policy", "build_tiny_wan_pipeline", "build_tiny_wan22_pipeline", "build_tiny_tokenizer",
@@ -24,5 +25,5 @@ __all__ = [
     "TextToVideoSDFamily", "build_tiny_text_to_video_sd_pipeline",
     "register_family", "get_family", "flow_match_schedule", "resolve_dtype", "FINETUNE_MODES", "UpdateRatio",
     "save_denoiser", "HunyuanVideoFamily", "build_tiny_hunyuan_video_pipeline", "MochiFamily",
-    "build_tiny_mochi_pipeline",
+    "build_tiny_mochi_pipeline", "LTXVideoFamily", "build_tiny_ltx_video_pipeline",
 ]

@@ -61,7 +61,9 @@ class ModelFamily(Protocol):
         """``(B, C, F, h, w)`` for a video of ``num_frames`` x ``height`` x ``width``; validates the size."""
 
     def flow_schedule(self, pipe: Any, num_steps: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``(timesteps [T], sigmas [T+1])`` of the flow-matching schedule, float32."""
+        """``(timesteps [T], sigmas [T+1])`` of the flow-matching schedule, float32. A family whose schedule
+        depends on the video size (e.g. LTX-Video's resolution-dependent shift) also takes the keyword
+        ``video_size=(num_frames, height, width)``; :meth:`VideoPolicy.flow_schedule` passes it when given."""
 
     def encode_prompts(self, pipe: Any, prompts: List[str], negative_prompt: str, do_cfg: bool,
                        max_sequence_length: int, device: torch.device, dtype: torch.dtype
@@ -129,12 +131,17 @@ def get_family(name: str, options: Optional[Dict[str, Any]] = None) -> ModelFami
 
 
 def flow_match_schedule(scheduler: Any, num_steps: int, device: torch.device,
-                        sigmas: Optional[Sequence[float]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                        sigmas: Optional[Sequence[float]] = None, mu: Optional[float] = None
+                        ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Flow-matching ``(timesteps [T], sigmas [T+1])`` from a pipeline's scheduler, respecting its shift.
 
     ``sigmas`` (``[T]``, unshifted) is passed to ``set_timesteps(sigmas=...)`` as pipelines that choose their
     own grid do (e.g. ``HunyuanVideoPipeline``: ``np.linspace(1, 0, T + 1)[:-1]``); the scheduler shifts them
     and appends the terminal 0. ``None``: the scheduler's default grid for ``num_steps``.
+
+    ``mu``: the exponent of a scheduler configured with ``use_dynamic_shifting`` (resolution-dependent shift,
+    ``set_timesteps(mu=...)``; e.g. ``LTXPipeline`` computes it with ``calculate_shift`` from the video's token
+    count); required by such a scheduler, ignored by others.
 
     A ``FlowMatchEulerDiscreteScheduler`` is used as configured. A multistep scheduler configured for
     flow sigmas (e.g. Wan checkpoints' ``UniPCMultistepScheduler(use_flow_sigmas=True, flow_shift=s)``) is
@@ -154,13 +161,16 @@ def flow_match_schedule(scheduler: Any, num_steps: int, device: torch.device,
     else:
         raise ValueError(f"{type(scheduler).__name__} is not a flow-matching scheduler; the SDE sampler needs "
                          "FlowMatchEulerDiscreteScheduler (or a scheduler with use_flow_sigmas=True)")
-    if sched.config.get("use_dynamic_shifting", False) or sched.config.get("invert_sigmas", False):
-        raise ValueError("schedulers with use_dynamic_shifting or invert_sigmas are not supported; "
-                         "set a fixed `shift` in the scheduler config")
+    dynamic = bool(sched.config.get("use_dynamic_shifting", False))
+    if sched.config.get("invert_sigmas", False) or (dynamic and mu is None):
+        raise ValueError("schedulers with invert_sigmas, or with use_dynamic_shifting but no `mu` (the family must "
+                         "compute it from the video size), are not supported; set a fixed `shift` in the scheduler "
+                         "config")
+    extra = {"mu": float(mu)} if dynamic else {}
     if sigmas is None:
-        sched.set_timesteps(num_steps, device=device)
+        sched.set_timesteps(num_steps, device=device, **extra)
     else:
-        sched.set_timesteps(sigmas=list(sigmas), device=device)
+        sched.set_timesteps(sigmas=list(sigmas), device=device, **extra)
     return sched.timesteps.to(device, torch.float32), sched.sigmas.to(device, torch.float32)
 
 
@@ -358,8 +368,12 @@ class VideoPolicy:
         """``(B, C, F, h, w)``; raises ``ValueError`` for a frame count or size the family cannot produce."""
         return self.family.latent_shape(self.pipeline, batch_size, num_frames, height, width)
 
-    def flow_schedule(self, num_steps: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``(timesteps [T], sigmas [T+1])`` float32 on the policy device."""
+    def flow_schedule(self, num_steps: int, video_size: Optional[Tuple[int, int, int]] = None
+                      ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(timesteps [T], sigmas [T+1])`` float32 on the policy device. ``video_size = (num_frames, height,
+        width)`` reaches families whose schedule depends on it (their ``flow_schedule`` takes ``video_size``)."""
+        if video_size is not None and "video_size" in inspect.signature(self.family.flow_schedule).parameters:
+            return self.family.flow_schedule(self.pipeline, num_steps, self.device, video_size=tuple(video_size))
         return self.family.flow_schedule(self.pipeline, num_steps, self.device)
 
     def encode_prompts(self, prompts: List[str], negative_prompt: str = "", do_cfg: bool = False,

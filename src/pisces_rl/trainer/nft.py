@@ -209,7 +209,8 @@ class NFTTrainer(TrainerBase):
         acc.register_for_checkpointing(self.old)
         self.rollout_sampling = dataclasses.replace(cfg.sampling, eta=cfg.nft.eta,
                                                     guidance_scale=cfg.nft.guidance_scale)
-        self.timesteps, self.sigmas = self.policy.flow_schedule(cfg.sampling.num_inference_steps)  # [T], [T+1]
+        self.timesteps, self.sigmas = self.policy.flow_schedule(
+            cfg.sampling.num_inference_steps, (cfg.sampling.num_frames, cfg.sampling.height, cfg.sampling.width))  # [T], [T+1]
 
     # ------------------------------------------------------------------ one iteration
     def train_step(self, iteration: int) -> dict[str, float]:
