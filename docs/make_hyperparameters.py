@@ -48,8 +48,9 @@ SOURCES = {
         f"480×832; {FG}'s Wan run: 240×416)"},
     "sampling.num_inference_steps": {"shapes": f"{REC} (`benchmarks/shapes_base_model.py`)", "wan": f"{FG} "
         f"`general_ocr_wan2_1`, {DG} Wan `--sampling_steps 20`"},
-    "sampling.guidance_scale": {"shapes": f"{REC} (CFG 3)", "nft_shapes_cpu": f"{REC}, for evaluation only (rollouts: "
-        f"nft.guidance_scale)", "wan": f"{DG} Wan `--cfg_infer 5.0`, diffusers `WanPipeline` default ({FG} Wan: 4.5)"},
+    "sampling.guidance_scale": {"shapes": f"{REC} (CFG 3)", "nft_shapes_cpu": "evaluation CFG-free, as NVlabs/DiffusionNFT "
+        "`scripts/train_nft_sd3.py:274` (its eval samples with `config.sample.guidance_scale`, 1.0 in `config/nft.py:64`); "
+        "rollouts: nft.guidance_scale", "wan": f"{DG} Wan `--cfg_infer 5.0`, diffusers `WanPipeline` default ({FG} Wan: 4.5)"},
     "sampling.eta": f"{PC} `distill_grpo.py` (`flux_step(..., eta=0.25)`); {FG} base 0.7, {DG} Wan 0.3",
     "sampling.sde_type": {"*": f"flow_grpo = {FG} `sde_step_with_logprob`, std η·sqrt(σ/(1−σ))·sqrt(Δσ), as these "
         "recipes have been run; total variance at η 0.25 on the shift-2 16-step grid 0.256 vs 0.062 for dance_grpo "

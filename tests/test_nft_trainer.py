@@ -257,7 +257,8 @@ def test_two_processes_deepspeed_zero2(tmp_path):
 
 def test_shipped_nft_configs_match_their_grpo_twins():
     """nft_*_cpu.yaml: algorithm nft, NFT's checks pass, and the ShapesWorld one keeps grpo_shapes_cpu.yaml's world,
-    rewards, prompts, evaluation and video budget (40 iterations x 32 videos), so a comparison varies the update only."""
+    rewards, prompts, evaluation prompts and video budget (40 iterations x 32 videos), so a comparison varies the update
+    only; its evaluation samples CFG-free as its rollouts do (the reference's evaluation), GRPO's with CFG 3."""
     configs = ROOT / "recipes" / "configs"
     for name in ("nft_tiny_cpu.yaml", "nft_shapes_cpu.yaml"):
         cfg = load_config(GRPOConfig, str(configs / name))
@@ -267,8 +268,9 @@ def test_shipped_nft_configs_match_their_grpo_twins():
     grpo = load_config(GRPOConfig, str(configs / "grpo_shapes_cpu.yaml")).to_dict()
     for section in ("model", "rewards", "data"):
         assert nft[section] == grpo[section], section
-    for key in ("num_frames", "height", "width", "num_inference_steps", "guidance_scale"):
+    for key in ("num_frames", "height", "width", "num_inference_steps"):
         assert nft["sampling"][key] == grpo["sampling"][key], key
+    assert nft["sampling"]["guidance_scale"] == nft["nft"]["guidance_scale"] == 1.0 < grpo["sampling"]["guidance_scale"]
     assert nft["logging"]["judge"] == grpo["logging"]["judge"] == "shapesbench"
     for key in ("max_steps", "prompts_per_step", "num_generations", "learning_rate", "seed"):
         assert nft["train"][key] == grpo["train"][key], key
