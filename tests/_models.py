@@ -9,3 +9,39 @@ def model_cfg(**overrides):
                gradient_checkpointing=False, seed=0)
     cfg.update(overrides)
     return SimpleNamespace(**cfg)
+
+
+def brightness(videos, prompts, **kwargs):
+    """A differentiable toy reward: mean pixel value, ``[B, F, C, H, W]`` -> ``[B]``."""
+    return videos.mean(dim=(1, 2, 3, 4))
+
+
+brightness.differentiable = True
+
+
+def perturb_lora(policy, seed=1, scale=0.3):
+    """Make every LoRA B non-zero (seeded) so the adapter changes the model."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in policy.transformer.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
+
+
+def split_state(module):
+    """``(trainable, frozen)``: copies of ``module``'s parameters by ``requires_grad``, keyed by name."""
+    named = dict(module.named_parameters())
+    return ({n: p.detach().clone() for n, p in named.items() if p.requires_grad},
+            {n: p.detach().clone() for n, p in named.items() if not p.requires_grad})
+
+
+def assert_only_lora_moved(before, module):
+    """``before = split_state(module)`` taken before a step: some LoRA parameter moved, no frozen one did."""
+    import torch
+
+    (t0, f0), (t1, f1) = before, split_state(module)
+    assert t0 and all("lora" in n for n in t0) and f0
+    assert any(not torch.equal(t0[k], t1[k]) for k in t0), "no LoRA parameter moved"
+    assert all(torch.equal(f0[k], f1[k]) for k in f0), "a frozen base parameter moved"

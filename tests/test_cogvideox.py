@@ -15,7 +15,7 @@ from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler, CogVideoXPi
 from safetensors.torch import load_file
 
 from _launch import ROOT, accelerate_launch
-from _models import model_cfg
+from _models import assert_only_lora_moved, brightness, model_cfg, split_state
 from pisces_rl.config import BackpropConfig, GRPOConfig, load_config
 from pisces_rl.models import CogVideoXFamily, build_policy, build_tiny_cogvideox_pipeline, get_family
 from pisces_rl.models.base import VideoPolicy
@@ -159,27 +159,6 @@ COG = ["model.family=cogvideox", "sampling.num_frames=9", "sampling.height=16", 
        "sampling.num_inference_steps=4", "sampling.sde_type=dance_grpo", "logging.report_to=none",
        "train.max_steps=1", "train.prompts_per_step=1", "train.num_generations=2", "train.sample_batch_size=2",
        "train.learning_rate=5e-3", "data.num_eval_prompts=1"]
-
-
-def split_state(transformer):
-    trained = {n: p.detach().clone() for n, p in transformer.named_parameters() if p.requires_grad}
-    frozen = {n: p.detach().clone() for n, p in transformer.named_parameters() if not p.requires_grad}
-    return trained, frozen
-
-
-def assert_only_lora_moved(before, transformer):
-    (t0, f0), (t1, f1) = before, split_state(transformer)
-    assert t0 and all("lora" in n for n in t0) and f0
-    assert any(not torch.equal(t0[k], t1[k]) for k in t0), "no LoRA parameter moved"
-    assert all(torch.equal(f0[k], f1[k]) for k in f0), "a frozen base parameter moved"
-
-
-def brightness(videos, prompts, **kwargs):
-    """Differentiable toy reward: mean pixel value, [B, F, C, H, W] -> [B]."""
-    return videos.mean(dim=(1, 2, 3, 4))
-
-
-brightness.differentiable = True
 
 
 def test_grpo_and_backprop_steps_move_only_the_lora(tmp_path):

@@ -18,7 +18,7 @@ from pisces_rl.models import build_policy, build_tiny_hunyuan_video_pipeline
 from pisces_rl.models.hunyuan_video import unpack_conditioning
 from pisces_rl.rollout import Rollout, rescore_log_prob, sample_rollout
 
-from _models import model_cfg
+from _models import assert_only_lora_moved, brightness, model_cfg, perturb_lora, split_state
 
 PROMPTS = ["two red squares moving left", "a blue circle"]   # different lengths: the mask matters
 SIZE = dict(num_frames=5, height=16, width=16)
@@ -35,14 +35,6 @@ def sampling(**kw):
 @pytest.fixture(scope="module")
 def policy():
     return build_policy(model_cfg(family="hunyuan_video"), device="cpu")
-
-
-def perturb_lora(policy, seed=1, scale=0.3):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in policy.transformer.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * scale)
 
 
 def noise(policy, seed=0):
@@ -114,30 +106,10 @@ def test_rescore_gives_ratio_one_after_row_selection_cat_and_bf16_cast(policy, s
         perturb_lora(policy, scale=0.0)
 
 
-def _trainable_and_frozen(trainer):
-    named = dict(trainer.policy.transformer.named_parameters())
-    return ({n: p.detach().clone() for n, p in named.items() if p.requires_grad},
-            {n: p.detach().clone() for n, p in named.items() if not p.requires_grad})
-
-
-def _moved_only_lora(trainer, before):
-    (lora0, base0), (lora1, base1) = before, _trainable_and_frozen(trainer)
-    assert lora0 and all("lora" in n for n in lora0)
-    assert any(not torch.equal(lora0[k], lora1[k]) for k in lora0), "no LoRA parameter moved"
-    assert all(torch.equal(base0[k], base1[k]) for k in base0), "a frozen base parameter moved"
-
-
 COMMON = ["model.family=hunyuan_video", "train.max_steps=1", "train.prompts_per_step=1", "train.num_generations=2",
           "train.sample_batch_size=2", "train.learning_rate=5e-3", "sampling.num_inference_steps=3",
           "sampling.num_frames=5", "sampling.height=16", "sampling.width=16", "sampling.guidance_scale=6.0",
           f"sampling.max_sequence_length={SEQ}", "logging.report_to=none", "data.num_eval_prompts=1"]
-
-
-def brightness(videos, prompts, **kwargs):
-    return videos.mean(dim=(1, 2, 3, 4))
-
-
-brightness.differentiable = True
 
 
 def test_one_grpo_step_changes_only_lora(tmp_path):
@@ -147,9 +119,9 @@ def test_one_grpo_step_changes_only_lora(tmp_path):
     cfg = load_config(GRPOConfig, None, [f"output_dir={tmp_path}", *COMMON, "train.train_batch_size=2",
                                          "train.epsilon=0.2", "train.cd_weight=0.5"])
     trainer = GRPOTrainer(cfg, rewards={"brightness": brightness})
-    before = _trainable_and_frozen(trainer)
+    before = split_state(trainer.policy.transformer)
     metrics = trainer.train()
-    _moved_only_lora(trainer, before)
+    assert_only_lora_moved(before, trainer.policy.transformer)
     assert np.isfinite(metrics["train/loss"]) and np.isfinite(metrics["train/cd_loss"])
 
 
@@ -162,9 +134,9 @@ def test_one_backprop_step_from_data_changes_only_lora(tmp_path):
     cfg = load_config(BackpropConfig, None, [f"output_dir={tmp_path}", *COMMON, "train.train_batch_size=1",
                                              "train.teacher_steps=4"])
     trainer = BackpropTrainer(cfg, rewards={"b": brightness}, dataset=data)
-    before = _trainable_and_frozen(trainer)
+    before = split_state(trainer.policy.transformer)
     metrics = trainer.train()
-    _moved_only_lora(trainer, before)
+    assert_only_lora_moved(before, trainer.policy.transformer)
     assert np.isfinite(metrics["train/cd_loss"])
     latents = trainer.policy.encode(torch.rand(1, 5, 3, 16, 16))
     assert latents.shape == (1, 16, 2, 2, 2)                           # [B, 16, (F-1)/4+1, H/8, W/8]

@@ -13,18 +13,11 @@ from pisces_rl.models import build_policy, build_tiny_text_to_video_sd_pipeline
 from pisces_rl.models.text_to_video_sd import TextToVideoSDFamily, enable_unet_lora
 from pisces_rl.rollout import rescore_log_prob, sample_rollout
 from pisces_rl.trainer import BackpropTrainer, GRPOTrainer
+from _models import assert_only_lora_moved, brightness, split_state
 
 PROMPTS = ["a red circle moving left", "two blue squares"]
 FAMILY = "model.family=text_to_video_sd"
 SIZE = ["sampling.num_frames=2", "sampling.height=8", "sampling.width=8", "sampling.num_inference_steps=3"]
-
-
-def brightness(videos, prompts, **kwargs):
-    """A differentiable reward: mean pixel value, [B, F, C, H, W] -> [B]."""
-    return videos.mean(dim=(1, 2, 3, 4))
-
-
-brightness.differentiable = True
 
 
 def gen(seed=0):
@@ -112,20 +105,6 @@ def test_saved_lora_loads_into_a_plain_pipeline(policy, tmp_path):
     assert type(pickle.loads(pickle.dumps(plain.unet))) is type(plain.unet)
 
 
-def _split(trainer):
-    params = dict(trainer.policy.transformer.named_parameters())
-    return ({n: p.detach().clone() for n, p in params.items() if p.requires_grad},
-            {n: p.detach().clone() for n, p in params.items() if not p.requires_grad})
-
-
-def _moved_only_lora(trainer, before):
-    lora0, base0 = before
-    lora1, base1 = _split(trainer)
-    assert lora0 and base0
-    assert any(not torch.equal(lora0[k], lora1[k]) for k in lora0), "no LoRA parameter moved"
-    assert all(torch.equal(base0[k], base1[k]) for k in base0), "a frozen base parameter moved"
-
-
 def test_grpo_step_changes_only_lora(tmp_path):
     cfg = load_config(GRPOConfig, None, [
         f"output_dir={tmp_path}", FAMILY, *SIZE, "train.max_steps=1", "train.prompts_per_step=1",
@@ -134,9 +113,9 @@ def test_grpo_step_changes_only_lora(tmp_path):
         "logging.report_to=none"])
     assert cfg.sampling.sde_type == "auto"
     trainer = GRPOTrainer(cfg, rewards={"bright": brightness})
-    before = _split(trainer)
+    before = split_state(trainer.policy.transformer)
     metrics = trainer.train()
-    _moved_only_lora(trainer, before)
+    assert_only_lora_moved(before, trainer.policy.transformer)
     assert "train/kl" in metrics or "train/loss" in metrics
 
 
@@ -147,9 +126,9 @@ def test_backprop_step_changes_only_lora(tmp_path):
         "train.train_batch_size=2", "train.teacher_steps=3",
         "train.learning_rate=5e-3", "train.dataset_size=2", "logging.report_to=none", "data.num_eval_prompts=1"])
     trainer = BackpropTrainer(cfg, rewards={"bright": brightness})
-    before = _split(trainer)
+    before = split_state(trainer.policy.transformer)
     trainer.train()
-    _moved_only_lora(trainer, before)
+    assert_only_lora_moved(before, trainer.policy.transformer)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

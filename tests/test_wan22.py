@@ -21,6 +21,7 @@ from pisces_rl.rollout import rescore_log_prob, sample_rollout
 from pisces_rl.trainer import BackpropTrainer, GRPOTrainer
 
 from test_policy import perturb_lora
+from _models import brightness
 
 PROMPTS = ["two red squares moving left", "a blue circle"]
 STEPS = 4           # tiny schedule (shift 3): timesteps 1000, 857.7, 602.2, 8.9 -> boundary 875 after step 0
@@ -105,13 +106,6 @@ def grpo_config(tmp_path, pretrained, *overrides):
             "sampling.num_inference_steps=3", "sampling.num_frames=5", "sampling.height=16", "sampling.width=16",
             "logging.report_to=none", "data.num_eval_prompts=1"]
     return load_config(GRPOConfig, None, [*base, *overrides])
-
-
-def brightness(videos, prompts, **kwargs):
-    return videos.mean(dim=(1, 2, 3, 4))
-
-
-brightness.differentiable = True
 
 
 def params(trainer, trainable):
