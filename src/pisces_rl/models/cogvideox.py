@@ -44,12 +44,11 @@ Schedulers: ``CogVideoXDDIMScheduler`` (CogVideoX-2b) is sampled exactly as the 
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from .base import register_family
+from .base import load_diffusers_pipeline, register_family
 from .tiny import _seeded, build_tiny_tokenizer
 from .vp import alpha_bar_at, flow_to_vp, vp_flow_schedule, vp_velocity
 
@@ -147,18 +146,7 @@ class CogVideoXFamily:
     def load_pipeline(self, pretrained: str, torch_dtype: torch.dtype) -> Any:
         from diffusers import CogVideoXPipeline
 
-        looks_local = os.path.isabs(pretrained) or pretrained.startswith((".", "~")) or pretrained.count("/") != 1
-        if looks_local and not os.path.isdir(os.path.expanduser(pretrained)):
-            raise FileNotFoundError(
-                f"model.pretrained={pretrained!r} is not an existing directory; pass a local diffusers pipeline "
-                "directory (with model_index.json), a hub id such as 'THUDM/CogVideoX-2b', or 'tiny'")
-        try:
-            return CogVideoXPipeline.from_pretrained(os.path.expanduser(pretrained), torch_dtype=torch_dtype)
-        except (OSError, ValueError) as err:
-            raise FileNotFoundError(
-                f"could not load a CogVideoXPipeline from {pretrained!r} ({err}). Without network access the weights "
-                "must already be on disk: download them elsewhere (`huggingface-cli download <id> --local-dir DIR`) "
-                "and set model.pretrained=DIR") from err
+        return load_diffusers_pipeline(CogVideoXPipeline, pretrained, torch_dtype, "THUDM/CogVideoX-2b")
 
     def validate(self, pipe: Any) -> None:
         from diffusers import CogVideoXPipeline

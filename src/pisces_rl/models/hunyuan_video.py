@@ -29,13 +29,12 @@ Mirrors diffusers 0.42.1 ``pipelines/hunyuan_video/pipeline_hunyuan_video.py`` (
 """
 from __future__ import annotations
 
-import os
 from typing import Any, List, Optional, Tuple
 
 import numpy as np
 import torch
 
-from .base import flow_match_schedule, register_family
+from .base import flow_match_schedule, load_diffusers_pipeline, register_family
 from .hunyuan_video_tiny import build_tiny_hunyuan_video_pipeline
 
 __all__ = ["HunyuanVideoFamily", "pack_conditioning", "unpack_conditioning", "build_tiny_hunyuan_video_pipeline"]
@@ -82,19 +81,8 @@ class HunyuanVideoFamily:
     def load_pipeline(self, pretrained: str, torch_dtype: torch.dtype) -> Any:
         from diffusers import HunyuanVideoPipeline
 
-        looks_local = os.path.isabs(pretrained) or pretrained.startswith((".", "~")) or pretrained.count("/") != 1
-        if looks_local and not os.path.isdir(os.path.expanduser(pretrained)):
-            raise FileNotFoundError(
-                f"model.pretrained={pretrained!r} is not an existing directory; pass a local diffusers pipeline "
-                "directory (with model_index.json), a hub id such as 'hunyuanvideo-community/HunyuanVideo', "
-                "or 'tiny' for the in-code test model")
-        try:
-            pipe = HunyuanVideoPipeline.from_pretrained(os.path.expanduser(pretrained), dtype=torch_dtype)
-        except (OSError, ValueError) as err:
-            raise FileNotFoundError(
-                f"could not load a HunyuanVideoPipeline from {pretrained!r} ({err}). Without network access the "
-                "weights must already be on disk: download them elsewhere (`huggingface-cli download <id> "
-                "--local-dir DIR`) and set model.pretrained=DIR") from err
+        pipe = load_diffusers_pipeline(HunyuanVideoPipeline, pretrained, torch_dtype,
+                                       "hunyuanvideo-community/HunyuanVideo")
         pipe.vae.enable_tiling()  # as DanceGRPO's sample_reference_model and the diffusers example
         return pipe
 

@@ -28,13 +28,12 @@ Mirrors diffusers 0.42.1 ``pipelines/ltx/pipeline_ltx.py`` (``LTXPipeline.__call
 """
 from __future__ import annotations
 
-import os
 from typing import Any, List, Optional, Tuple
 
 import numpy as np
 import torch
 
-from .base import flow_match_schedule, register_family
+from .base import flow_match_schedule, load_diffusers_pipeline, register_family
 from .tiny import _seeded, build_tiny_tokenizer
 
 __all__ = ["LTXVideoFamily", "build_tiny_ltx_video_pipeline", "pack_prompt", "unpack_prompt"]
@@ -84,18 +83,7 @@ class LTXVideoFamily:
     def load_pipeline(self, pretrained: str, torch_dtype: torch.dtype) -> Any:
         from diffusers import LTXPipeline
 
-        looks_local = os.path.isabs(pretrained) or pretrained.startswith((".", "~")) or pretrained.count("/") != 1
-        if looks_local and not os.path.isdir(os.path.expanduser(pretrained)):
-            raise FileNotFoundError(
-                f"model.pretrained={pretrained!r} is not an existing directory; pass a local diffusers pipeline "
-                "directory (with model_index.json), a hub id such as 'Lightricks/LTX-Video', or 'tiny'")
-        try:
-            return LTXPipeline.from_pretrained(os.path.expanduser(pretrained), dtype=torch_dtype)
-        except (OSError, ValueError) as err:
-            raise FileNotFoundError(
-                f"could not load an LTXPipeline from {pretrained!r} ({err}). Without network access the weights "
-                "must already be on disk: download them elsewhere (`huggingface-cli download <id> --local-dir "
-                "DIR`) and set model.pretrained=DIR") from err
+        return load_diffusers_pipeline(LTXPipeline, pretrained, torch_dtype, "Lightricks/LTX-Video")
 
     def validate(self, pipe: Any) -> None:
         from diffusers import LTXPipeline

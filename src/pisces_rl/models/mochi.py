@@ -24,12 +24,11 @@ Mirrors diffusers 0.42.1 ``pipelines/mochi/pipeline_mochi.py`` (``MochiPipeline.
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from .base import register_family
+from .base import load_diffusers_pipeline, register_family
 from .tiny import _seeded, build_tiny_tokenizer
 
 __all__ = ["MochiFamily", "build_tiny_mochi_pipeline", "mochi_sigmas", "pack_conditioning", "unpack_conditioning"]
@@ -124,18 +123,7 @@ class MochiFamily:
     def load_pipeline(self, pretrained: str, torch_dtype: torch.dtype) -> Any:
         from diffusers import MochiPipeline
 
-        looks_local = os.path.isabs(pretrained) or pretrained.startswith((".", "~")) or pretrained.count("/") != 1
-        if looks_local and not os.path.isdir(os.path.expanduser(pretrained)):
-            raise FileNotFoundError(
-                f"model.pretrained={pretrained!r} is not an existing directory; pass a local diffusers pipeline "
-                "directory (with model_index.json), a hub id such as 'genmo/mochi-1-preview', or 'tiny'")
-        try:
-            pipe = MochiPipeline.from_pretrained(os.path.expanduser(pretrained), dtype=torch_dtype)
-        except (OSError, ValueError) as err:
-            raise FileNotFoundError(
-                f"could not load a MochiPipeline from {pretrained!r} ({err}). Without network access the weights "
-                "must already be on disk: download them elsewhere (`huggingface-cli download <id> --local-dir DIR`) "
-                "and set model.pretrained=DIR") from err
+        pipe = load_diffusers_pipeline(MochiPipeline, pretrained, torch_dtype, "genmo/mochi-1-preview")
         pipe.vae.enable_tiling()  # as the diffusers Mochi docs recommend for memory
         return pipe
 

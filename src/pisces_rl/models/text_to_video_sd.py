@@ -25,12 +25,11 @@ is unchanged); call it on a plain pipeline before ``pipe.load_lora_weights(dir)`
 """
 from __future__ import annotations
 
-import os
 from typing import Any, List, Optional, Tuple
 
 import torch
 
-from .base import register_family
+from .base import load_diffusers_pipeline, register_family
 from .vp import PREDICTION_TYPES, alpha_bar_at, alpha_bar_from_sigma, flow_to_vp, vp_flow_schedule, vp_to_flow, vp_velocity
 
 __all__ = ["TextToVideoSDFamily", "build_tiny_text_to_video_sd_pipeline", "enable_unet_lora"]
@@ -126,19 +125,8 @@ class TextToVideoSDFamily:
     def load_pipeline(self, pretrained: str, torch_dtype: torch.dtype) -> Any:
         from diffusers import TextToVideoSDPipeline
 
-        looks_local = os.path.isabs(pretrained) or pretrained.startswith((".", "~")) or pretrained.count("/") != 1
-        if looks_local and not os.path.isdir(os.path.expanduser(pretrained)):
-            raise FileNotFoundError(
-                f"model.pretrained={pretrained!r} is not an existing directory; pass a local diffusers pipeline "
-                "directory (with model_index.json), a hub id such as 'damo-vilab/text-to-video-ms-1.7b', "
-                "or 'tiny' for the in-code test model")
-        try:
-            return TextToVideoSDPipeline.from_pretrained(os.path.expanduser(pretrained), torch_dtype=torch_dtype)
-        except (OSError, ValueError) as err:
-            raise FileNotFoundError(
-                f"could not load a TextToVideoSDPipeline from {pretrained!r} ({err}). Without network access the "
-                "weights must already be on disk: download them elsewhere (`huggingface-cli download <id> "
-                "--local-dir DIR`) and set model.pretrained=DIR") from err
+        return load_diffusers_pipeline(TextToVideoSDPipeline, pretrained, torch_dtype,
+                                       "damo-vilab/text-to-video-ms-1.7b")
 
     def validate(self, pipe: Any) -> None:
         from diffusers import TextToVideoSDPipeline

@@ -19,7 +19,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 import torch
 
 from . import lora as _lora
-from .base import flow_match_schedule, register_family
+from .base import flow_match_schedule, load_diffusers_pipeline, register_family
 from .tiny import build_tiny_wan22_pipeline, build_tiny_wan_pipeline
 from .wan22 import (EXPERTS, WanExperts, fuse_experts_lora, load_experts_lora, save_experts_denoiser,
                     save_experts_lora)
@@ -73,21 +73,7 @@ class WanFamily:
     def load_pipeline(self, pretrained: str, torch_dtype: torch.dtype) -> Any:
         from diffusers import WanPipeline
 
-        looks_local = os.path.isabs(pretrained) or pretrained.startswith((".", "~")) or pretrained.count("/") != 1
-        if looks_local and not os.path.isdir(os.path.expanduser(pretrained)):
-            raise FileNotFoundError(
-                f"model.pretrained={pretrained!r} is not an existing directory; pass a local diffusers pipeline "
-                "directory (with model_index.json), a hub id such as 'Wan-AI/Wan2.1-T2V-1.3B-Diffusers', "
-                "or 'tiny' for the in-code test model"
-            )
-        try:
-            return WanPipeline.from_pretrained(os.path.expanduser(pretrained), dtype=torch_dtype)
-        except (OSError, ValueError) as err:
-            raise FileNotFoundError(
-                f"could not load a WanPipeline from {pretrained!r} ({err}). Without network access the weights must "
-                "already be on disk: download them elsewhere (`huggingface-cli download <id> --local-dir DIR`) and set "
-                "model.pretrained=DIR"
-            ) from err
+        return load_diffusers_pipeline(WanPipeline, pretrained, torch_dtype, "Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
 
     def validate(self, pipe: Any) -> None:
         from diffusers import WanPipeline
