@@ -130,27 +130,6 @@ def get_family(name: str, options: Optional[Dict[str, Any]] = None) -> ModelFami
     return cls(**options)
 
 
-def load_diffusers_pipeline(pipeline_cls: Any, pretrained: str, torch_dtype: torch.dtype, example_id: str) -> Any:
-    """``pipeline_cls.from_pretrained(pretrained, dtype=torch_dtype)`` for a family's ``load_pipeline``, with one clear
-    error for a local path that does not exist or weights that cannot be loaded (no network: they must be on disk).
-    ``example_id`` is the hub id named in the error (e.g. ``"Wan-AI/Wan2.1-T2V-1.3B-Diffusers"``)."""
-    import os
-
-    name = pipeline_cls.__name__
-    looks_local = os.path.isabs(pretrained) or pretrained.startswith((".", "~")) or pretrained.count("/") != 1
-    if looks_local and not os.path.isdir(os.path.expanduser(pretrained)):
-        raise FileNotFoundError(
-            f"model.pretrained={pretrained!r} is not an existing directory; pass a local diffusers pipeline "
-            f"directory (with model_index.json), a hub id such as {example_id!r}, or 'tiny' for the in-code test model")
-    try:
-        return pipeline_cls.from_pretrained(os.path.expanduser(pretrained), dtype=torch_dtype)
-    except (OSError, ValueError) as err:
-        raise FileNotFoundError(
-            f"could not load a {name} from {pretrained!r} ({err}). Without network access the weights must already "
-            "be on disk: download them elsewhere (`huggingface-cli download <id> --local-dir DIR`) and set "
-            "model.pretrained=DIR") from err
-
-
 def flow_match_schedule(scheduler: Any, num_steps: int, device: torch.device,
                         sigmas: Optional[Sequence[float]] = None, mu: Optional[float] = None
                         ) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -48,7 +48,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from .base import load_diffusers_pipeline, register_family
+from .base import register_family
+from .family_utils import load_diffusers_pipeline
 from .tiny import _seeded, build_tiny_tokenizer
 from .vp import alpha_bar_at, flow_to_vp, vp_flow_schedule, vp_velocity
 

@@ -34,7 +34,8 @@ from typing import Any, List, Optional, Tuple
 import numpy as np
 import torch
 
-from .base import flow_match_schedule, load_diffusers_pipeline, register_family
+from .base import flow_match_schedule, register_family
+from .family_utils import load_diffusers_pipeline
 from .hunyuan_video_tiny import build_tiny_hunyuan_video_pipeline
 
 __all__ = ["HunyuanVideoFamily", "pack_conditioning", "unpack_conditioning", "build_tiny_hunyuan_video_pipeline"]

@@ -33,23 +33,19 @@ from typing import Any, List, Optional, Tuple
 import numpy as np
 import torch
 
-from .base import flow_match_schedule, load_diffusers_pipeline, register_family
+from .base import flow_match_schedule, register_family
+from .family_utils import load_diffusers_pipeline, pack_mask_column, unpack_mask_column
 from .tiny import _seeded, build_tiny_tokenizer
 
 __all__ = ["LTXVideoFamily", "build_tiny_ltx_video_pipeline", "pack_prompt", "unpack_prompt"]
 
 
-def pack_prompt(embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``embeds [B, L, D]``, ``mask [B, L]`` -> ``[B, L, D + 1]`` (the mask, 0 / 1, as the last column)."""
-    return torch.cat([embeds, mask.to(embeds.dtype).unsqueeze(-1)], dim=-1)
+pack_prompt = pack_mask_column  # embeds [B, L, D] + mask [B, L] -> [B, L, D + 1]
 
 
 def unpack_prompt(packed: torch.Tensor, text_dim: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """Inverse of :func:`pack_prompt`: ``(embeds [B, L, D], mask [B, L])`` in ``packed``'s dtype."""
-    if packed.ndim != 3 or packed.shape[-1] != text_dim + 1:
-        raise ValueError(f"LTX-Video conditioning must be [B, L, {text_dim + 1}] (packed by "
-                         f"LTXVideoFamily.encode_prompts), got {tuple(packed.shape)}")
-    return packed[..., :text_dim], packed[..., -1]
+    return unpack_mask_column(packed, text_dim, "LTX-Video")
 
 
 def _calculate_shift(seq_len: int, cfg: Any) -> float:

@@ -28,7 +28,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from .base import load_diffusers_pipeline, register_family
+from .base import register_family
+from .family_utils import load_diffusers_pipeline, pack_mask_column, unpack_mask_column
 from .tiny import _seeded, build_tiny_tokenizer
 
 __all__ = ["MochiFamily", "build_tiny_mochi_pipeline", "mochi_sigmas", "pack_conditioning", "unpack_conditioning"]
@@ -36,17 +37,13 @@ __all__ = ["MochiFamily", "build_tiny_mochi_pipeline", "mochi_sigmas", "pack_con
 THRESHOLD_NOISE = 0.025  # MochiPipeline.__call__, step 5 (genmo models/src/mochi_preview/infer.py)
 
 
-def pack_conditioning(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``hidden [B, L, D]``, ``mask [B, L]`` (0/1 or bool) -> ``[B, L, D + 1]`` in ``hidden``'s dtype."""
-    return torch.cat([hidden, mask.to(hidden.dtype).unsqueeze(-1)], dim=-1)
+pack_conditioning = pack_mask_column  # [B, L, D] + mask [B, L] -> [B, L, D + 1]
 
 
 def unpack_conditioning(packed: torch.Tensor, text_dim: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """Inverse of :func:`pack_conditioning`: ``(hidden [B, L, D], mask [B, L] bool)`` (the pipeline's bool mask)."""
-    if packed.ndim != 3 or packed.shape[-1] != text_dim + 1:
-        raise ValueError(f"Mochi conditioning must be [B, L, {text_dim + 1}] (packed by MochiFamily.encode_prompts), "
-                         f"got {tuple(packed.shape)}")
-    return packed[..., :text_dim], packed[..., -1] > 0.5
+    hidden, mask = unpack_mask_column(packed, text_dim, "Mochi")
+    return hidden, mask > 0.5
 
 
 def mochi_sigmas(scheduler: Any, num_steps: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:

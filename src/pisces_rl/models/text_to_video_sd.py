@@ -29,7 +29,8 @@ from typing import Any, List, Optional, Tuple
 
 import torch
 
-from .base import load_diffusers_pipeline, register_family
+from .base import register_family
+from .family_utils import load_diffusers_pipeline
 from .vp import PREDICTION_TYPES, alpha_bar_at, alpha_bar_from_sigma, flow_to_vp, vp_flow_schedule, vp_to_flow, vp_velocity
 
 __all__ = ["TextToVideoSDFamily", "build_tiny_text_to_video_sd_pipeline", "enable_unet_lora"]

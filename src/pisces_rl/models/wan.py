@@ -19,7 +19,8 @@ from typing import Any, List, Optional, Sequence, Tuple
 import torch
 
 from . import lora as _lora
-from .base import flow_match_schedule, load_diffusers_pipeline, register_family
+from .base import flow_match_schedule, register_family
+from .family_utils import load_diffusers_pipeline
 from .tiny import build_tiny_wan22_pipeline, build_tiny_wan_pipeline
 from .wan22 import (EXPERTS, WanExperts, fuse_experts_lora, load_experts_lora, save_experts_denoiser,
                     save_experts_lora)
