@@ -43,7 +43,7 @@ def null_rewards(config, seed: int) -> RewardServer:
     """The config's rewards at weight 0 (logged) plus seeded N(0, 1) noise at weight 1 (trained on)."""
     server = build_reward_server(config.rewards)
     rc = config.rewards
-    spec = {e.name: (e.fn, 0.0) for e in server._entries}
+    spec = {name: (fn, 0.0) for name, (fn, _) in server.rewards.items()}
     spec["noise"] = (NoiseReward(seed), 1.0)
     return RewardServer(spec, max_batch_size=rc.max_batch_size, on_error=rc.on_error, num_frames=rc.num_frames,
                         temporal_windows=rc.temporal_windows, max_frames_per_call=rc.max_frames_per_call)

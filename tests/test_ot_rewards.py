@@ -363,5 +363,5 @@ def test_cost_embeddings_config_reaches_the_semantic_reward(encoder):
     cfg = load_config(GRPOConfig, None, ["rewards.cost_embeddings=itc_proj"]).rewards
     server = build_reward_server({"weights": {"ot_semantic": 1.0, "ot_quality": 1.0}, "encoder": encoder,
                                   "cost_embeddings": cfg.cost_embeddings})
-    semantic = [entry.fn for entry in server._entries if isinstance(entry.fn, OTSemanticReward)]
+    semantic = [fn for fn, _ in server.rewards.values() if isinstance(fn, OTSemanticReward)]
     assert len(semantic) == 1 and semantic[0].cost_embeddings == "itc_proj"

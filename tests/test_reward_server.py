@@ -210,6 +210,9 @@ def test_sequence_form_uses_reward_names_and_rejects_duplicates():
     b.name = "first_pixel"
     server = RewardServer([a, (b, 0.5)])
     assert server.names == ["a", "first_pixel"] and server.weights.tolist() == [1.0, 0.5]
+    assert server.rewards == {"a": (a, 1.0), "first_pixel": (b, 0.5)}
+    more = RewardServer({**server.rewards, "c": (a, 2.0)})       # the constructor's form round-trips
+    assert more.names == ["a", "first_pixel", "c"] and more.weights.tolist() == [1.0, 0.5, 2.0]
     with pytest.raises(RewardError, match="two rewards are named 'a'"):
         RewardServer([a, a])
 

@@ -205,6 +205,12 @@ class RewardServer:
         return [e.name for e in self._entries]
 
     @property
+    def rewards(self) -> dict[str, tuple[Callable, float]]:
+        """The rewards in the constructor's form, ``{name: (fn, weight)}`` with ``fn`` resolved (a callable), in
+        column order: ``RewardServer({**server.rewards, "extra": (fn, 1.0)})`` builds a server with one more."""
+        return {e.name: (e.fn, e.weight) for e in self._entries}
+
+    @property
     def differentiable_names(self) -> list[str]:
         """Rewards declaring ``differentiable=True``: their scores carry gradient in :meth:`differentiable`."""
         return [e.name for e in self._entries if e.info.differentiable]
