@@ -2,7 +2,7 @@
 (``finetune="lora"``) or as a whole (``finetune="full"``, with a frozen copy of the base denoiser as reference).
 
 Family-specific code (prompt encoding, latent shape, the denoiser call, VAE decode) lives behind the
-small :class:`ModelFamily` protocol, one file per family (``models/wan.py``); everything else here is
+small :class:`ModelFamily` protocol (``models/family.py``), one file per family (``models/wan.py``); everything else here is
 family-agnostic. Shapes: latents ``[B, C, F, h, w]``, videos ``[B, F, C, H, W]`` in [0, 1], text
 embeddings ``[B, L, D]``.
 """
@@ -12,12 +12,14 @@ import copy
 import inspect
 import logging
 from contextlib import contextmanager
-from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.utils.checkpoint
 
 from . import lora as _lora
+from .family import ModelFamily, get_family, register_family
+from .schedule import flow_match_schedule, with_shift
 
 __all__ = ["ModelFamily", "register_family", "get_family", "flow_match_schedule", "VideoPolicy", "build_policy",
            "resolve_dtype", "FINETUNE_MODES", "with_shift"]
@@ -25,164 +27,6 @@ __all__ = ["ModelFamily", "register_family", "get_family", "flow_match_schedule"
 FINETUNE_MODES = ("lora", "full")
 
 logger = logging.getLogger(__name__)
-
-
-class ModelFamily(Protocol):
-    """What the policy needs from a pipeline family. Implementations are stateless.
-
-    ``guidance`` (optional class attribute, default ``"cfg"``) says what ``sampling.guidance_scale`` means:
-    ``"cfg"``: classifier-free guidance, two denoiser branches ``v_u + g (v_c - v_u)`` when ``g > 1``;
-    ``"embedded"``: a guidance-distilled denoiser (e.g. HunyuanVideo) that takes the scale as an input: one
-    branch, no negative prompt, and the policy calls ``forward(..., guidance=g)``.
-    """
-
-    name: str
-    sde_type: str
-    """The noise type ``sampling.sde_type = "auto"`` samples with (:data:`pisces_rl.rollout.SDE_TYPES`):
-    ``"flow_grpo"`` for rectified-flow models, ``"ddim"`` (DDPO) for ε/v-prediction families. Optional: a
-    family without it gets ``"flow_grpo"``."""
-
-    def build_tiny_pipeline(self, seed: int) -> Any:
-        """A tiny random pipeline built in code (for tests and the embedded default). Families should also take
-        keyword-only ``transformer_kwargs`` / ``vae_kwargs`` / ``text_encoder_kwargs`` (dicts overriding the tiny
-        configs of the denoiser, VAE and text encoder): ``benchmarks/gpu_families.py`` builds the published
-        architectures with random weights through them."""
-
-    def load_pipeline(self, pretrained: str, torch_dtype: torch.dtype) -> Any:
-        """``<Pipeline>.from_pretrained`` with a clear error for a missing path."""
-
-    def validate(self, pipe: Any) -> None:
-        """Raise ``ValueError`` if ``pipe`` is a configuration the adapter does not support."""
-
-    def denoiser(self, pipe: Any) -> torch.nn.Module:
-        """The module that receives the LoRA adapter (e.g. ``pipe.transformer``)."""
-
-    def latent_shape(self, pipe: Any, batch_size: int, num_frames: int, height: int, width: int) -> Tuple[int, ...]:
-        """``(B, C, F, h, w)`` for a video of ``num_frames`` x ``height`` x ``width``; validates the size."""
-
-    def flow_schedule(self, pipe: Any, num_steps: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``(timesteps [T], sigmas [T+1])`` of the flow-matching schedule, float32. A family whose schedule
-        depends on the video size (e.g. LTX-Video's resolution-dependent shift) also takes the keyword
-        ``video_size=(num_frames, height, width)``; :meth:`VideoPolicy.flow_schedule` passes it when given."""
-
-    def encode_prompts(self, pipe: Any, prompts: List[str], negative_prompt: str, do_cfg: bool,
-                       max_sequence_length: int, device: torch.device, dtype: torch.dtype
-                       ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """``(prompt_embeds [B, L, D], negative_prompt_embeds [B, L, D] or None)``."""
-
-    def forward(self, pipe: Any, denoiser: Callable, latents: torch.Tensor, timestep: torch.Tensor,
-                prompt_embeds: torch.Tensor) -> torch.Tensor:
-        """One denoiser call: ``latents [B, C, F, h, w]`` (denoiser dtype), ``timestep [B]`` -> velocity
-        ``dx/dsigma = eps - x0`` ``[B, C, F, h, w]``. A ``guidance = "embedded"`` family also takes
-        ``guidance: float`` (the embedded guidance scale) as a keyword argument."""
-
-    def decode(self, pipe: Any, latents: torch.Tensor) -> torch.Tensor:
-        """``[B, C, F, h, w]`` latents -> ``[B, F, C, H, W]`` videos in [0, 1] (differentiable)."""
-
-    def encode(self, pipe: Any, videos: torch.Tensor) -> torch.Tensor:
-        """``[B, F, C, H, W]`` videos in [0, 1] -> ``[B, C, F, h, w]`` latents (the VAE posterior mean in the
-        denoiser's latent space, so that ``decode(encode(v))`` reconstructs ``v``). Optional: only training on
-        a dataset of videos needs it."""
-
-    def initial_latents(self, pipe: Any, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        """Optional: the pipeline's initial noise ``[B, C, F, h, w]`` (what ``pipe(latents=noise)`` starts from) as the
-        flow latent at the schedule's first level ``sigma``. Absent = the noise itself (flow models start at σ = 1);
-        a VP family returns ``vp_to_flow(noise, ᾱ_0)`` (:mod:`pisces_rl.models.vp`)."""
-
-    def decode_checkpointed(self, pipe: Any, latents: torch.Tensor) -> torch.Tensor:
-        """Optional: :meth:`decode`, recomputed piecewise (e.g. per latent frame) in backward to save memory."""
-
-    # Optional hooks (looked up with getattr; absent = the generic behaviour):
-    # guidance_scales(pipe, timestep [B], guidance_scale) -> float or [B] tensor: the CFG scale per video (Wan 2.2
-    #     A14B: guidance_scale_2 below its expert boundary);
-    # save_lora(pipe, denoiser, dir, state_dict, is_main_process) / load_lora(pipe, denoiser, dir) /
-    # save_denoiser(pipe, denoiser, dir, state_dict): the saved layout when the trained module is not one diffusers
-    #     model (Wan 2.2 A14B: one LoRA file or folder per expert);
-    # fuse_lora(pipe, lora, lora_scale): load a saved LoRA into a plain pipeline and fuse it (`pisces-rl generate`).
-
-
-_FAMILIES: Dict[str, Callable[[], ModelFamily]] = {}
-
-
-def register_family(name: str):
-    """Class decorator: make a :class:`ModelFamily` available as ``model.family = name``."""
-    def wrap(cls):
-        _FAMILIES[name] = cls
-        return cls
-    return wrap
-
-
-def get_family(name: str, options: Optional[Dict[str, Any]] = None) -> ModelFamily:
-    """The registered family ``name`` (an instance), built with ``model.family_options`` as keyword arguments."""
-    if name not in _FAMILIES:
-        raise ValueError(f"unknown model.family {name!r}; available: {sorted(_FAMILIES)} "
-                         "(a new family is one file models/<family>.py registering a ModelFamily)")
-    cls = _FAMILIES[name]
-    options = dict(options or {})
-    try:
-        accepted = inspect.signature(cls).parameters
-    except (TypeError, ValueError):
-        accepted = {}
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise ValueError(f"model.family_options {unknown} are not options of model.family={name!r}; it accepts "
-                         f"{sorted(accepted) or 'none'}")
-    return cls(**options)
-
-
-def flow_match_schedule(scheduler: Any, num_steps: int, device: torch.device,
-                        sigmas: Optional[Sequence[float]] = None, mu: Optional[float] = None
-                        ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Flow-matching ``(timesteps [T], sigmas [T+1])`` from a pipeline's scheduler, respecting its shift.
-
-    ``sigmas`` (``[T]``, unshifted) is passed to ``set_timesteps(sigmas=...)`` as pipelines that choose their
-    own grid do (e.g. ``HunyuanVideoPipeline``: ``np.linspace(1, 0, T + 1)[:-1]``); the scheduler shifts them
-    and appends the terminal 0. ``None``: the scheduler's default grid for ``num_steps``.
-
-    ``mu``: the exponent of a scheduler configured with ``use_dynamic_shifting`` (resolution-dependent shift,
-    ``set_timesteps(mu=...)``; e.g. ``LTXPipeline`` computes it with ``calculate_shift`` from the video's token
-    count); required by such a scheduler, ignored by others.
-
-    A ``FlowMatchEulerDiscreteScheduler`` is used as configured. A multistep scheduler configured for
-    flow sigmas (e.g. Wan checkpoints' ``UniPCMultistepScheduler(use_flow_sigmas=True, flow_shift=s)``) is
-    replaced by ``FlowMatchEulerDiscreteScheduler(shift=s)``: the SDE sampler is an Euler-type method.
-    The pipeline's own scheduler object is not modified.
-    """
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    if not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"sampling.num_inference_steps must be a positive integer, got {num_steps!r}")
-    cfg = scheduler.config
-    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
-        sched = FlowMatchEulerDiscreteScheduler.from_config(cfg)
-    elif cfg.get("use_flow_sigmas", False) or cfg.get("prediction_type") == "flow_prediction":
-        sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=cfg.get("num_train_timesteps", 1000),
-                                                shift=cfg.get("flow_shift", 1.0) or 1.0)
-    else:
-        raise ValueError(f"{type(scheduler).__name__} is not a flow-matching scheduler; the SDE sampler needs "
-                         "FlowMatchEulerDiscreteScheduler (or a scheduler with use_flow_sigmas=True)")
-    dynamic = bool(sched.config.get("use_dynamic_shifting", False))
-    if sched.config.get("invert_sigmas", False) or (dynamic and mu is None):
-        raise ValueError("schedulers with invert_sigmas, or with use_dynamic_shifting but no `mu` (the family must "
-                         "compute it from the video size), are not supported; set a fixed `shift` in the scheduler "
-                         "config")
-    extra = {"mu": float(mu)} if dynamic else {}
-    if sigmas is None:
-        sched.set_timesteps(num_steps, device=device, **extra)
-    else:
-        sched.set_timesteps(sigmas=list(sigmas), device=device, **extra)
-    return sched.timesteps.to(device, torch.float32), sched.sigmas.to(device, torch.float32)
-
-
-def with_shift(scheduler: Any, shift: float) -> Any:
-    """A copy of a flow-matching ``scheduler`` with its timestep shift set to ``shift`` (``shift`` of
-    ``FlowMatchEulerDiscreteScheduler``, ``flow_shift`` of a scheduler configured with ``use_flow_sigmas``)."""
-    cfg = scheduler.config
-    key = "shift" if "shift" in cfg else "flow_shift" if "flow_shift" in cfg else None
-    if key is None or not (shift > 0):
-        raise ValueError(f"model.scheduler_shift={shift!r}: {type(scheduler).__name__} has no flow-matching shift "
-                         "to set (or the value is not > 0); set model.scheduler_shift=null")
-    return type(scheduler).from_config(cfg, **{key: float(shift)})
 
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,

@@ -48,7 +48,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from .base import register_family
+from .family import register_family
 from .family_utils import load_diffusers_pipeline
 from .tiny import _seeded, build_tiny_tokenizer
 from .vp import alpha_bar_at, flow_to_vp, vp_flow_schedule, vp_velocity
@@ -130,7 +130,7 @@ def _bfcf(latents: torch.Tensor) -> torch.Tensor:
 
 @register_family("cogvideox")
 class CogVideoXFamily:
-    """:class:`~pisces_rl.models.base.ModelFamily` for ``CogVideoXPipeline`` (CogVideoX 1.0 2b/5b, 1.5 T2V).
+    """:class:`~pisces_rl.models.family.ModelFamily` for ``CogVideoXPipeline`` (CogVideoX 1.0 2b/5b, 1.5 T2V).
 
     Latents are ``[B, C, F, H/8, W/8]`` with ``F = (num_frames − 1)/4 + 1`` (+ 1 padding frame for 1.5); the
     transformer predicts ``v`` on VP latents (see the module docstring for the conversion).

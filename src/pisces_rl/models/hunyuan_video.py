@@ -34,7 +34,8 @@ from typing import Any, List, Optional, Tuple
 import numpy as np
 import torch
 
-from .base import flow_match_schedule, register_family
+from .family import register_family
+from .schedule import flow_match_schedule
 from .family_utils import load_diffusers_pipeline
 from .hunyuan_video_tiny import build_tiny_hunyuan_video_pipeline
 
@@ -66,7 +67,7 @@ def unpack_conditioning(packed: torch.Tensor, text_dim: int, pooled_dim: int
 
 @register_family("hunyuan_video")
 class HunyuanVideoFamily:
-    """:class:`~pisces_rl.models.base.ModelFamily` for ``HunyuanVideoPipeline`` (HunyuanVideo T2V).
+    """:class:`~pisces_rl.models.family.ModelFamily` for ``HunyuanVideoPipeline`` (HunyuanVideo T2V).
 
     ``guidance = "embedded"``: see the module docstring. Prompt embeddings are packed ``[B, 1 + L, W]``.
     """

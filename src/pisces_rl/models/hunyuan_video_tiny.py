@@ -20,8 +20,6 @@ from __future__ import annotations
 
 from typing import Dict, Optional, Sequence
 
-import torch
-
 from .tiny import _CHARS, _PUNCT, TINY_VOCAB_WORDS, _seeded
 
 __all__ = ["build_tiny_hunyuan_video_pipeline", "build_tiny_llama_tokenizer", "build_tiny_clip_tokenizer"]
@@ -41,7 +39,6 @@ def _wordpiece(specials: Sequence[str], unk: str, template: str, extra_tokens: S
     """A lower-casing word-piece ``PreTrainedTokenizerFast`` over the tiny vocabulary (single-character fallback,
     so any ASCII text is encoded without ``unk``); ``template`` is the post-processor's single-sequence rule."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
 
     vocab: Dict[str, int] = {}
     for token in (*specials, *_TEMPLATE_WORDS, "##ing", *TINY_VOCAB_WORDS, *_CHARS, *_PUNCT,

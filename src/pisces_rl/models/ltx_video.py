@@ -33,7 +33,8 @@ from typing import Any, List, Optional, Tuple
 import numpy as np
 import torch
 
-from .base import flow_match_schedule, register_family
+from .family import register_family
+from .schedule import flow_match_schedule
 from .family_utils import load_diffusers_pipeline, pack_mask_column, unpack_mask_column
 from .tiny import _seeded, build_tiny_tokenizer
 
@@ -58,7 +59,7 @@ def _calculate_shift(seq_len: int, cfg: Any) -> float:
 
 @register_family("ltx_video")
 class LTXVideoFamily:
-    """:class:`~pisces_rl.models.base.ModelFamily` for ``LTXPipeline`` (LTX-Video T2V).
+    """:class:`~pisces_rl.models.family.ModelFamily` for ``LTXPipeline`` (LTX-Video T2V).
 
     Options (``model.family_options``): ``frame_rate`` (the pipeline's ``frame_rate``, 25: RoPE interpolation)
     and ``decode_timestep`` (the pipeline's ``decode_timestep``, 0; only for a timestep-conditioned VAE, decoded

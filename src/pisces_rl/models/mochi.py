@@ -28,7 +28,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from .base import register_family
+from .family import register_family
 from .family_utils import load_diffusers_pipeline, pack_mask_column, unpack_mask_column
 from .tiny import _seeded, build_tiny_tokenizer
 
@@ -107,7 +107,7 @@ def build_tiny_mochi_pipeline(seed: int = 0, *, transformer_kwargs: Optional[Dic
 
 @register_family("mochi")
 class MochiFamily:
-    """:class:`~pisces_rl.models.base.ModelFamily` for ``MochiPipeline`` (Mochi 1). Prompt embeddings are packed
+    """:class:`~pisces_rl.models.family.ModelFamily` for ``MochiPipeline`` (Mochi 1). Prompt embeddings are packed
     ``[B, L, D + 1]`` (mask in the last column); see the module docstring for the time convention."""
 
     name = "mochi"

@@ -29,7 +29,7 @@ from typing import Any, List, Optional, Tuple
 
 import torch
 
-from .base import register_family
+from .family import register_family
 from .family_utils import load_diffusers_pipeline
 from .vp import PREDICTION_TYPES, alpha_bar_at, alpha_bar_from_sigma, flow_to_vp, vp_flow_schedule, vp_to_flow, vp_velocity
 
@@ -108,7 +108,7 @@ def build_tiny_text_to_video_sd_pipeline(seed: int = 0, *, transformer_kwargs: O
 
 @register_family("text_to_video_sd")
 class TextToVideoSDFamily:
-    """:class:`~pisces_rl.models.base.ModelFamily` for ``TextToVideoSDPipeline`` (ModelScope T2V, ε-prediction UNet)."""
+    """:class:`~pisces_rl.models.family.ModelFamily` for ``TextToVideoSDPipeline`` (ModelScope T2V, ε-prediction UNet)."""
 
     name = "text_to_video_sd"
     sde_type = "ddim"  # sampling.sde_type=auto: DDPO's stochastic DDIM step (rollout/ddim.py)

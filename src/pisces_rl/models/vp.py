@@ -10,7 +10,7 @@ and the model's ε̂ / v̂ / x̂0 output gives ``x̂0`` and ``ε̂`` at ``z_t``,
 the flow ODE between two levels, ``x' = x + (σ' − σ)·(ε̂ − x̂0) = (1 − σ')·x̂0 + σ'·ε̂``, is exactly the
 deterministic DDIM update ``z' = sqrt(ᾱ')·x̂0 + sqrt(1 − ᾱ')·ε̂`` rescaled (Song et al. 2021, Eq. 12 with
 σ_t = 0; the same identity is why DDIM is "Euler in the right coordinates", Karras et al. 2022, §3). So a VP
-family implements the :class:`~pisces_rl.models.base.ModelFamily` protocol with two changes only: its
+family implements the :class:`~pisces_rl.models.family.ModelFamily` protocol with two changes only: its
 schedule is DDIM's (:func:`vp_flow_schedule`, the σ's of the DDIM grid) and its ``forward`` rescales the latent
 and converts the prediction (:func:`vp_velocity`). The stochastic DDIM step with η > 0 and its Gaussian
 log-probability (DDPO) is the ``"ddim"`` noise type of :mod:`pisces_rl.rollout`.

@@ -19,7 +19,8 @@ from typing import Any, List, Optional, Sequence, Tuple
 import torch
 
 from . import lora as _lora
-from .base import flow_match_schedule, register_family
+from .family import register_family
+from .schedule import flow_match_schedule
 from .family_utils import load_diffusers_pipeline
 from .tiny import build_tiny_wan22_pipeline, build_tiny_wan_pipeline
 from .wan22 import (EXPERTS, WanExperts, fuse_experts_lora, load_experts_lora, save_experts_denoiser,
@@ -30,7 +31,7 @@ __all__ = ["WanFamily"]
 
 @register_family("wan")
 class WanFamily:
-    """:class:`~pisces_rl.models.base.ModelFamily` for ``WanPipeline`` (Wan 2.1 T2V, Wan 2.2 TI2V-5B and A14B).
+    """:class:`~pisces_rl.models.family.ModelFamily` for ``WanPipeline`` (Wan 2.1 T2V, Wan 2.2 TI2V-5B and A14B).
 
     Latents are ``[B, z_dim, (F-1)/4 + 1, H/s, W/s]`` for ``F = 4k+1`` frames (``z_dim, s`` = 16, 8 for the
     Wan 2.1 VAE; 48, 16 for the Wan 2.2 VAE); the transformer predicts the flow velocity ``eps - x0`` directly;
