@@ -3,7 +3,7 @@
     python benchmarks/plot_default_runs.py DIR [--out FIGURE.png]
 
 ``DIR`` holds ``<row>-seed<N>.json`` and ``<row>-null-seed<N>.json`` (one seed each, as the runner writes them with
-``--output``). One panel per row (e.g. ``grpo``, ``nft``): the held-out PISCES reward R (``ot_quality`` +
+``--output``). One panel per row (e.g. ``grpo``, ``nft``; four to a line): the held-out PISCES reward R (``ot_quality`` +
 ``ot_semantic``) minus its value at iteration 0, per seed, solid for the runs and dashed for their null controls.
 Prints a markdown table per row: Δ R per seed, the mean, the null's, each component's mean Δ, ShapesBench Total.
 """
@@ -64,7 +64,7 @@ def verdict(runs: dict) -> str:
     if len(d) < 3 or len(n) < 3:
         return f"incomplete ({len(d)} runs, {len(n)} nulls)"
     ok = all(x > 0 for x in d) and np.mean(d) > np.mean(n)
-    return ("passes" if ok else "fails") + f": Δ R > 0 on {sum(x > 0 for x in d)}/3 seeds, mean {np.mean(d):+.4f} " \
+    return ("passes" if ok else "fails") + f": Δ R > 0 on {sum(x > 0 for x in d)}/{len(d)} seeds, mean {np.mean(d):+.4f} " \
         f"vs null {np.mean(n):+.4f}"
 
 
@@ -74,8 +74,12 @@ def plot(rows: dict, out: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(rows), figsize=(5.5 * len(rows), 4), squeeze=False)
-    for ax, (row, runs) in zip(axes[0], sorted(rows.items())):
+    cols = min(4, len(rows))
+    nrows = -(-len(rows) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(5.5 * cols, 4 * nrows), squeeze=False)
+    for ax in axes.flat[len(rows):]:
+        ax.set_visible(False)
+    for ax, (row, runs) in zip(axes.flat, sorted(rows.items())):
         for kind, style in (("run", "-"), ("null", "--")):
             for i, r in enumerate(runs[kind]):
                 c = r["curve"]
