@@ -61,6 +61,9 @@ def verdict(runs: dict) -> str:
     """The pre-registered criterion: Δ R > 0 on every seed and mean Δ R above the null's mean."""
     d = [delta(r) for r in runs["run"]]
     n = [delta(r) for r in runs["null"]]
+    if any(x <= 0 for x in d):                     # decided whatever the missing seeds would give
+        return f"fails: Δ R ≤ 0 on seed(s) {[r['seed'] for r, x in zip(runs['run'], d) if x <= 0]} " \
+            f"({len(d)} runs, {len(n)} nulls ran)"
     if len(d) < 3 or len(n) < 3:
         return f"incomplete ({len(d)} runs, {len(n)} nulls)"
     ok = all(x > 0 for x in d) and np.mean(d) > np.mean(n)
@@ -81,10 +84,10 @@ def plot(rows: dict, out: str) -> None:
         ax.set_visible(False)
     for ax, (row, runs) in zip(axes.flat, sorted(rows.items())):
         for kind, style in (("run", "-"), ("null", "--")):
-            for i, r in enumerate(runs[kind]):
+            for r in runs[kind]:
                 c = r["curve"]
                 y = np.asarray(c["reward/pisces"]) - c["reward/pisces"][0]
-                ax.plot(c["iteration"], y, style, marker="o", color=f"C{i}",
+                ax.plot(c["iteration"], y, style, marker="o", color=f"C{r['seed'] % 10}",
                         label=f"{'null ' if kind == 'null' else ''}seed {r['seed']}")
         ax.axhline(0.0, color="gray", lw=0.8)
         ax.set_title(f"{row}: held-out PISCES reward − base")

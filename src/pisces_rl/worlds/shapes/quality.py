@@ -7,7 +7,8 @@ model leaves room to improve. :data:`QUALITY_BARS` states that in numbers, all m
   accuracy on captions that differ in colour, count, motion direction, and a clip against its own time reversal;
 * the OT map's held-out mutual-kNN above the unmapped text's (the map must help);
 * the base model's ShapesBench Total on :data:`EVAL_PROMPTS` held-out prompts x :data:`EVAL_DRAWS` noise draws,
-  sampled as ``recipes/configs/grpo_shapes_cpu.yaml`` samples its evaluation videos (16 steps, CFG 3, η = 0).
+  sampled with the base model's recommended sampling (16 steps, CFG 3, η = 0; the default runs now train and
+  evaluate CFG-free, but the bars stay where the shipped world's manifest measured them).
 
 ``pisces-rl world export`` measures them, writes them into the exported manifest (``quality``) and refuses to
 export a world that misses a bar (``--force`` overrides); ``tests/test_shapes_world_build.py`` has the slow test
