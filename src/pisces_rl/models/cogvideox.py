@@ -49,7 +49,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from .family import register_family
-from .family_utils import load_diffusers_pipeline
+from .family_utils import check_video_size, load_diffusers_pipeline
 from .tiny import _seeded, build_tiny_tokenizer
 from .vp import alpha_bar_at, flow_to_vp, vp_flow_schedule, vp_velocity
 
@@ -179,18 +179,12 @@ class CogVideoXFamily:
     def latent_shape(self, pipe: Any, batch_size: int, num_frames: int, height: int, width: int) -> Tuple[int, ...]:
         tf, sf = pipe.vae_scale_factor_temporal, pipe.vae_scale_factor_spatial
         p, p_t = pipe.transformer.config.patch_size, pipe.transformer.config.patch_size_t
-        step = 2 * tf
-        if not isinstance(num_frames, int) or num_frames < 1 or (num_frames - 1) % step:
-            ok = [step * k + 1 for k in range(1, 4)]
-            raise ValueError(
-                f"sampling.num_frames={num_frames!r} is invalid for CogVideoX: it must be {step}k+1 (e.g. {ok}; the "
-                f"checkpoints' 49 and 81): an odd number of latent frames, which the VAE decodes back to "
-                f"num_frames (it decodes an even count of F latent frames to {tf}F frames) and which CogVideoX 1.5 "
-                f"pads to a multiple of patch_size_t={p_t or 2}")
-        m = sf * p
-        if height < m or width < m or height % m or width % m:
-            raise ValueError(f"sampling.height x width = {height} x {width} is invalid for CogVideoX: both must be "
-                             f"positive multiples of {m} (VAE factor {sf} x patch size {p})")
+        check_video_size(
+            "CogVideoX", num_frames, 2 * tf, height, width, sf * p,
+            frames_note=f"; the checkpoints' 49 and 81: an odd number of latent frames, which the VAE decodes back to "
+                        f"num_frames (it decodes an even count of F latent frames to {tf}F frames) and which "
+                        f"CogVideoX 1.5 pads to a multiple of patch_size_t={p_t or 2}",
+            size_note=f" (VAE factor {sf} x patch size {p})")
         frames = (num_frames - 1) // tf + 1 + self._padding(pipe)
         return (batch_size, pipe.transformer.config.in_channels, frames, height // sf, width // sf)
 

@@ -1,13 +1,13 @@
-"""What family adapters share: loading a diffusers pipeline offline, and an attention mask carried in the prompt
-embeddings. Nothing family-specific lives here."""
+"""What family adapters share: loading a diffusers pipeline offline, the video-size check of ``latent_shape``, and an
+attention mask carried in the prompt embeddings. Nothing family-specific lives here."""
 from __future__ import annotations
 
 import os
-from typing import Any, Tuple
+from typing import Any, Tuple, Union
 
 import torch
 
-__all__ = ["load_diffusers_pipeline", "pack_mask_column", "unpack_mask_column"]
+__all__ = ["load_diffusers_pipeline", "check_video_size", "pack_mask_column", "unpack_mask_column"]
 
 
 def load_diffusers_pipeline(pipeline_cls: Any, pretrained: str, torch_dtype: torch.dtype, example_id: str) -> Any:
@@ -27,6 +27,22 @@ def load_diffusers_pipeline(pipeline_cls: Any, pretrained: str, torch_dtype: tor
             f"could not load a {name} from {pretrained!r} ({err}). Without network access the weights must already "
             "be on disk: download them elsewhere (`huggingface-cli download <id> --local-dir DIR`) and set "
             "model.pretrained=DIR") from err
+
+
+def check_video_size(family: str, num_frames: Any, frame_step: int, height: int, width: int,
+                     multiple: Union[int, Tuple[int, int]], frames_note: str = "", size_note: str = "") -> None:
+    """One ``ValueError`` naming the setting and its fix unless ``num_frames = frame_step·k + 1`` (an int ≥ 1) and
+    ``height`` x ``width`` are positive multiples of ``multiple`` (one int, or ``(mh, mw)``). ``family`` is the name
+    the errors give; ``frames_note`` / ``size_note`` add the family's reason to each."""
+    if not isinstance(num_frames, int) or num_frames < 1 or (num_frames - 1) % frame_step:
+        ok = [frame_step * k + 1 for k in range(1, 4)]
+        raise ValueError(f"sampling.num_frames={num_frames!r} is invalid for {family}: it must be {frame_step}k+1 "
+                         f"(e.g. {ok}{frames_note}); set sampling.num_frames to one of these")
+    mh, mw = (multiple, multiple) if isinstance(multiple, int) else multiple
+    if height < mh or width < mw or height % mh or width % mw:
+        size = f"{mh}" if mh == mw else f"{mh} x {mw}"
+        raise ValueError(f"sampling.height x width = {height} x {width} is invalid for {family}: both must be "
+                         f"positive multiples of {size}{size_note}")
 
 
 def pack_mask_column(embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -35,8 +35,8 @@ import numpy as np
 import torch
 
 from .family import register_family
+from .family_utils import check_video_size, load_diffusers_pipeline
 from .schedule import flow_match_schedule
-from .family_utils import load_diffusers_pipeline
 from .hunyuan_video_tiny import build_tiny_hunyuan_video_pipeline
 
 __all__ = ["HunyuanVideoFamily", "pack_conditioning", "unpack_conditioning", "build_tiny_hunyuan_video_pipeline"]
@@ -108,14 +108,8 @@ class HunyuanVideoFamily:
     def latent_shape(self, pipe: Any, batch_size: int, num_frames: int, height: int, width: int) -> Tuple[int, ...]:
         tf, sf = pipe.vae_scale_factor_temporal, pipe.vae_scale_factor_spatial
         cfg = pipe.transformer.config
-        if not isinstance(num_frames, int) or num_frames < 1 or (num_frames - 1) % tf:
-            ok = [tf * k + 1 for k in range(1, 4)]
-            raise ValueError(f"sampling.num_frames={num_frames!r} is invalid for HunyuanVideo: it must be {tf}k+1 "
-                             f"(e.g. {ok}); set sampling.num_frames to one of these")
-        m = max(16, sf * cfg.patch_size)  # HunyuanVideoPipeline.check_inputs: multiples of 16
-        if height < m or width < m or height % m or width % m:
-            raise ValueError(f"sampling.height x width = {height} x {width} is invalid for HunyuanVideo: both must "
-                             f"be positive multiples of {m}")
+        # HunyuanVideoPipeline.check_inputs: multiples of 16
+        check_video_size("HunyuanVideo", num_frames, tf, height, width, max(16, sf * cfg.patch_size))
         return (batch_size, cfg.in_channels, (num_frames - 1) // tf + 1, height // sf, width // sf)
 
     def flow_schedule(self, pipe: Any, num_steps: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:

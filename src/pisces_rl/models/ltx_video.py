@@ -34,8 +34,8 @@ import numpy as np
 import torch
 
 from .family import register_family
+from .family_utils import check_video_size, load_diffusers_pipeline, pack_mask_column, unpack_mask_column
 from .schedule import flow_match_schedule
-from .family_utils import load_diffusers_pipeline, pack_mask_column, unpack_mask_column
 from .tiny import _seeded, build_tiny_tokenizer
 
 __all__ = ["LTXVideoFamily", "build_tiny_ltx_video_pipeline", "pack_prompt", "unpack_prompt"]
@@ -94,14 +94,7 @@ class LTXVideoFamily:
 
     def latent_shape(self, pipe: Any, batch_size: int, num_frames: int, height: int, width: int) -> Tuple[int, ...]:
         tf, sf = pipe.vae_temporal_compression_ratio, pipe.vae_spatial_compression_ratio
-        if not isinstance(num_frames, int) or num_frames < 1 or (num_frames - 1) % tf:
-            ok = [tf * k + 1 for k in range(1, 4)]
-            raise ValueError(f"sampling.num_frames={num_frames!r} is invalid for LTX-Video: it must be {tf}k+1 "
-                             f"(e.g. {ok}); set sampling.num_frames to one of these")
-        m = max(32, sf)  # LTXPipeline.check_inputs: multiples of 32
-        if height < m or width < m or height % m or width % m:
-            raise ValueError(f"sampling.height x width = {height} x {width} is invalid for LTX-Video: both must "
-                             f"be positive multiples of {m}")
+        check_video_size("LTX-Video", num_frames, tf, height, width, max(32, sf))  # LTXPipeline.check_inputs: 32
         return (batch_size, pipe.transformer.config.in_channels, (num_frames - 1) // tf + 1, height // sf, width // sf)
 
     def flow_schedule(self, pipe: Any, num_steps: int, device: torch.device,

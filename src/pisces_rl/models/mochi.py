@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from .family import register_family
-from .family_utils import load_diffusers_pipeline, pack_mask_column, unpack_mask_column
+from .family_utils import check_video_size, load_diffusers_pipeline, pack_mask_column, unpack_mask_column
 from .tiny import _seeded, build_tiny_tokenizer
 
 __all__ = ["MochiFamily", "build_tiny_mochi_pipeline", "mochi_sigmas", "pack_conditioning", "unpack_conditioning"]
@@ -139,14 +139,8 @@ class MochiFamily:
 
     def latent_shape(self, pipe: Any, batch_size: int, num_frames: int, height: int, width: int) -> Tuple[int, ...]:
         tf, sf = pipe.vae_temporal_scale_factor, pipe.vae_spatial_scale_factor
-        if not isinstance(num_frames, int) or num_frames < 1 or (num_frames - 1) % tf:
-            ok = [tf * k + 1 for k in range(1, 4)]
-            raise ValueError(f"sampling.num_frames={num_frames!r} is invalid for Mochi: it must be {tf}k+1 (the VAE "
-                             f"decodes 6(f-1)+1 frames), e.g. {ok}; set sampling.num_frames to one of these")
-        m = sf * pipe.transformer.config.patch_size
-        if height < m or width < m or height % m or width % m:
-            raise ValueError(f"sampling.height x width = {height} x {width} is invalid for Mochi: both must be "
-                             f"positive multiples of {m} (8x VAE, 2x2 patches)")
+        check_video_size("Mochi", num_frames, tf, height, width, sf * pipe.transformer.config.patch_size,
+                         frames_note="; the VAE decodes 6(f-1)+1 frames", size_note=" (8x VAE, 2x2 patches)")
         return (batch_size, pipe.transformer.config.in_channels, (num_frames - 1) // tf + 1, height // sf, width // sf)
 
     def flow_schedule(self, pipe: Any, num_steps: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -20,8 +20,8 @@ import torch
 
 from . import lora as _lora
 from .family import register_family
+from .family_utils import check_video_size, load_diffusers_pipeline
 from .schedule import flow_match_schedule
-from .family_utils import load_diffusers_pipeline
 from .tiny import build_tiny_wan22_pipeline, build_tiny_wan_pipeline
 from .wan22 import (EXPERTS, WanExperts, fuse_experts_lora, load_experts_lora, save_experts_denoiser,
                     save_experts_lora)
@@ -141,14 +141,7 @@ class WanFamily:
     def latent_shape(self, pipe: Any, batch_size: int, num_frames: int, height: int, width: int) -> Tuple[int, ...]:
         tf, sf = pipe.vae_scale_factor_temporal, pipe.vae_scale_factor_spatial
         _, ph, pw = pipe.transformer.config.patch_size
-        if not isinstance(num_frames, int) or num_frames < 1 or (num_frames - 1) % tf:
-            ok = [tf * k + 1 for k in range(1, 4)]
-            raise ValueError(f"sampling.num_frames={num_frames!r} is invalid for Wan: it must be {tf}k+1 "
-                             f"(e.g. {ok}); set sampling.num_frames to one of these")
-        mh, mw = sf * ph, sf * pw
-        if height < mh or width < mw or height % mh or width % mw:
-            raise ValueError(f"sampling.height x width = {height} x {width} is invalid for Wan: both must be positive "
-                             f"multiples of {mh} x {mw}")
+        check_video_size("Wan", num_frames, tf, height, width, (sf * ph, sf * pw))
         return (batch_size, pipe.transformer.config.in_channels, (num_frames - 1) // tf + 1, height // sf, width // sf)
 
     def flow_schedule(self, pipe: Any, num_steps: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
