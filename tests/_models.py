@@ -45,3 +45,40 @@ def assert_only_lora_moved(before, module):
     assert t0 and all("lora" in n for n in t0) and f0
     assert any(not torch.equal(t0[k], t1[k]) for k in t0), "no LoRA parameter moved"
     assert all(torch.equal(f0[k], f1[k]) for k in f0), "a frozen base parameter moved"
+
+
+def video_dataset(n=3, frames=5, size=16, seed=0):
+    """A tiny in-memory dataset of captioned random videos (uint8 [F, H, W, 3]), for backprop from data."""
+    import datasets
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return datasets.Dataset.from_dict({"video": rng.integers(0, 256, (n, frames, size, size, 3), dtype=np.uint8),
+                                       "caption": [f"clip number {i}" for i in range(n)]})
+
+
+def train_moves_only_lora(trainer):
+    """``trainer.train()``, asserting that some LoRA parameter and no frozen one moved; returns its metrics."""
+    before = split_state(trainer.policy.transformer)
+    metrics = trainer.train()
+    assert_only_lora_moved(before, trainer.policy.transformer)
+    return metrics
+
+
+def assert_saved_lora_reproduces_policy(policy, tmp_path, ours, pipe, run, atol):
+    """With a perturbed LoRA, ``ours()`` is the policy's output and the LoRA is saved to ``tmp_path`` (then B = 0
+    again); ``run(pipe)`` on a plain pipeline before and after ``pipe.load_lora_weights`` must change and match
+    ``ours()`` to ``atol``."""
+    import torch
+
+    perturb_lora(policy)
+    try:
+        trained = ours()
+        policy.save_lora(str(tmp_path))
+    finally:
+        perturb_lora(policy, scale=0.0)
+    base = run(pipe)
+    pipe.load_lora_weights(str(tmp_path))
+    loaded = run(pipe)
+    assert (loaded - base).abs().max() > 1e-3, "the LoRA did not change the plain pipeline's output"
+    torch.testing.assert_close(loaded, trained, atol=atol, rtol=0)

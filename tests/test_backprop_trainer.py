@@ -13,20 +13,13 @@ import torch
 from safetensors.torch import load_file
 
 from _launch import ROOT, accelerate_launch
+from _models import brightness, video_dataset
 from pisces_rl.config import BackpropConfig, ConfigError, load_config
 from pisces_rl.data.videos import VIDEO_SOURCES, encode_video_dataset, register_video_source, videos_to_model
 from pisces_rl.rewards import RewardServer
 from pisces_rl.trainer import BackpropTrainer
 from pisces_rl.trainer.backprop import LoraEMA, euler_jump, fuse_rewards, noise_latents
 from pisces_rl.trainer.losses import pseudo_huber
-
-
-def brightness(videos, prompts, **kwargs):
-    """Differentiable toy reward: mean pixel value, [B, F, C, H, W] -> [B]."""
-    return videos.mean(dim=(1, 2, 3, 4))
-
-
-brightness.differentiable = True
 
 
 def tiny_config(tmp_path, *overrides):
@@ -174,13 +167,6 @@ def test_resume_continues_exactly_with_ema(tmp_path):
     summary = json.loads((tmp_path / "b" / "summary.json").read_text())
     for key in ("train/loss", "train/cd_loss", "train/grad_norm", "reward/b/mean", "reward/total/mean"):
         assert key in summary["metrics"], key
-
-
-def video_dataset(n=3, frames=5, size=16, seed=0):
-    """A tiny in-memory dataset of captioned random videos (uint8 [F, H, W, 3])."""
-    rng = np.random.default_rng(seed)
-    return datasets.Dataset.from_dict({"video": rng.integers(0, 256, (n, frames, size, size, 3), dtype=np.uint8),
-                                       "caption": [f"clip number {i}" for i in range(n)]})
 
 
 def count_encodes(trainer, monkeypatch):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-import datasets
 import numpy as np
 import pytest
 import torch
@@ -17,7 +16,8 @@ from pisces_rl.models import build_policy, build_tiny_ltx_video_pipeline
 from pisces_rl.models.ltx_video import LTXVideoFamily, unpack_prompt
 from pisces_rl.rollout import Rollout, rescore_log_prob, sample_rollout
 
-from _models import assert_only_lora_moved, brightness, model_cfg, perturb_lora, split_state
+from _models import (assert_saved_lora_reproduces_policy, brightness, model_cfg, perturb_lora, train_moves_only_lora,
+                     video_dataset)
 
 PROMPTS = ["two red squares moving left", "a blue circle"]   # different lengths: the mask matters
 SIZE = dict(num_frames=9, height=32, width=32)               # 8k+1 frames, multiples of 32
@@ -118,43 +118,28 @@ def test_one_grpo_step_changes_only_lora(tmp_path):
     cfg = load_config(GRPOConfig, None, [f"output_dir={tmp_path}", *COMMON, "train.train_batch_size=2",
                                          "train.epsilon=0.2", "model.gradient_checkpointing=true"])
     trainer = GRPOTrainer(cfg, rewards={"brightness": brightness})
-    before = split_state(trainer.policy.transformer)
-    metrics = trainer.train()
-    assert_only_lora_moved(before, trainer.policy.transformer)
+    metrics = train_moves_only_lora(trainer)
     assert np.isfinite(metrics["train/loss"])
 
 
 def test_one_backprop_step_from_data_changes_only_lora(tmp_path):
     from pisces_rl.trainer import BackpropTrainer
 
-    rng = np.random.default_rng(0)
-    data = datasets.Dataset.from_dict({"video": rng.integers(0, 256, (2, 9, 32, 32, 3), dtype=np.uint8),
-                                       "caption": ["a red circle", "a blue square"]})
     cfg = load_config(BackpropConfig, None, [f"output_dir={tmp_path}", *COMMON, "train.train_batch_size=1",
                                              "train.teacher_steps=4"])
-    trainer = BackpropTrainer(cfg, rewards={"b": brightness}, dataset=data)
-    before = split_state(trainer.policy.transformer)
-    metrics = trainer.train()
-    assert_only_lora_moved(before, trainer.policy.transformer)
+    trainer = BackpropTrainer(cfg, rewards={"b": brightness}, dataset=video_dataset(2, frames=9, size=32))
+    metrics = train_moves_only_lora(trainer)
     assert np.isfinite(metrics["train/cd_loss"])
     assert trainer.policy.encode(torch.rand(1, 9, 3, 32, 32)).shape == (1, 8, 2, 4, 4)
 
 
 def test_saved_lora_loads_into_a_plain_pipeline_and_reproduces_the_policy(policy, tmp_path):
-    perturb_lora(policy)
-    try:
-        x = noise(policy)
-        trained = sample_rollout(policy, PROMPTS, sampling(), latents=x).videos
-        policy.save_lora(str(tmp_path))
-    finally:
-        perturb_lora(policy, scale=0.0)
+    x = noise(policy)
     pipe = build_tiny_ltx_video_pipeline(0)
     assert isinstance(pipe, LTXPipeline)
-    base = run_plain(pipe, x.clone())
-    pipe.load_lora_weights(str(tmp_path))
-    loaded = run_plain(pipe, x.clone())
-    assert (loaded - base).abs().max() > 1e-3, "the LoRA did not change the plain pipeline's output"
-    torch.testing.assert_close(loaded, trained, atol=1e-6, rtol=0)
+    assert_saved_lora_reproduces_policy(
+        policy, tmp_path, lambda: sample_rollout(policy, PROMPTS, sampling(), latents=x).videos,
+        pipe, lambda p: run_plain(p, x.clone()), atol=1e-6)
 
 
 def test_timestep_conditioned_decoder_uses_decode_timestep_without_noise():

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-import datasets
 import numpy as np
 import pytest
 import torch
@@ -19,7 +18,8 @@ from pisces_rl.models.base import with_shift
 from pisces_rl.models.mochi import mochi_sigmas, unpack_conditioning
 from pisces_rl.rollout import Rollout, rescore_log_prob, sample_rollout
 
-from _models import assert_only_lora_moved, brightness, model_cfg, perturb_lora, split_state
+from _models import (assert_saved_lora_reproduces_policy, brightness, model_cfg, perturb_lora, train_moves_only_lora,
+                     video_dataset)
 
 PROMPTS = ["two red squares moving left", "a blue circle"]   # different lengths: the mask matters
 SIZE = dict(num_frames=7, height=16, width=16)               # 6k+1 frames -> 2 latent frames
@@ -124,41 +124,26 @@ def test_one_grpo_step_changes_only_lora(tmp_path):
     cfg = load_config(GRPOConfig, None, [f"output_dir={tmp_path}", *COMMON, "train.train_batch_size=2",
                                          "train.epsilon=0.2"])
     trainer = GRPOTrainer(cfg, rewards={"brightness": brightness})
-    before = split_state(trainer.policy.transformer)
-    metrics = trainer.train()
-    assert_only_lora_moved(before, trainer.policy.transformer)
+    metrics = train_moves_only_lora(trainer)
     assert np.isfinite(metrics["train/loss"])
 
 
 def test_one_backprop_step_from_data_changes_only_lora(tmp_path):
     from pisces_rl.trainer import BackpropTrainer
 
-    rng = np.random.default_rng(0)
-    data = datasets.Dataset.from_dict({"video": rng.integers(0, 256, (2, 7, 16, 16, 3), dtype=np.uint8),
-                                       "caption": ["a red circle", "a blue square"]})
     cfg = load_config(BackpropConfig, None, [f"output_dir={tmp_path}", *COMMON, "train.train_batch_size=1",
                                              "train.teacher_steps=4"])
-    trainer = BackpropTrainer(cfg, rewards={"b": brightness}, dataset=data)
-    before = split_state(trainer.policy.transformer)
-    metrics = trainer.train()
-    assert_only_lora_moved(before, trainer.policy.transformer)
+    trainer = BackpropTrainer(cfg, rewards={"b": brightness}, dataset=video_dataset(2, frames=7))
+    metrics = train_moves_only_lora(trainer)
     assert np.isfinite(metrics["train/cd_loss"])
     latents = trainer.policy.encode(torch.rand(1, 7, 3, 16, 16))
     assert latents.shape == (1, 12, 2, 2, 2)                           # [B, 12, (F-1)/6+1, H/8, W/8]
 
 
 def test_saved_lora_loads_into_a_plain_pipeline_and_reproduces_the_policy(policy, tmp_path):
-    perturb_lora(policy)
-    try:
-        x = noise(policy)
-        trained = sample_rollout(policy, PROMPTS, sampling(), latents=x).videos
-        policy.save_lora(str(tmp_path))
-    finally:
-        perturb_lora(policy, scale=0.0)
+    x = noise(policy)
     pipe = build_tiny_mochi_pipeline(0)
     assert isinstance(pipe, MochiPipeline)
-    base = run_plain(pipe, x.clone(), 4.5)
-    pipe.load_lora_weights(str(tmp_path))
-    loaded = run_plain(pipe, x.clone(), 4.5)
-    assert (loaded - base).abs().max() > 1e-3, "the LoRA did not change the plain pipeline's output"
-    torch.testing.assert_close(loaded, trained, atol=1e-5, rtol=0)
+    assert_saved_lora_reproduces_policy(
+        policy, tmp_path, lambda: sample_rollout(policy, PROMPTS, sampling(), latents=x).videos,
+        pipe, lambda p: run_plain(p, x.clone(), 4.5), atol=1e-5)

@@ -8,20 +8,11 @@ from diffusers import WanPipeline
 
 from pisces_rl.models import VideoPolicy, WanFamily, build_policy, build_tiny_tokenizer, build_tiny_wan_pipeline, get_family
 
-from _models import model_cfg
+from _models import model_cfg, perturb_lora
 
 PROMPTS = ["two red squares moving left", "a blue circle"]
 CALL = dict(num_frames=5, height=32, width=32, num_inference_steps=3, guidance_scale=4.0,
             max_sequence_length=16, output_type="pt")
-
-
-def perturb_lora(policy, seed=1, scale=0.2):
-    """Make LoRA B non-zero so the adapter changes the model."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in policy.transformer.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * scale)
 
 
 def run_pipe(pipe, seed=0):
@@ -116,7 +107,7 @@ def test_lora_init_is_seeded_and_leaves_the_global_rng_alone():
 
 def test_lora_disabled_gives_base_outputs_and_restores_adapter():
     policy = build_policy(model_cfg(), device="cpu")
-    perturb_lora(policy)
+    perturb_lora(policy, scale=0.2)
     base = build_tiny_wan_pipeline(0)
     x, t, emb, neg = velocity_inputs(policy)
     with torch.no_grad():
@@ -137,7 +128,7 @@ def test_lora_disabled_gives_base_outputs_and_restores_adapter():
 def test_save_lora_loads_into_plain_wan_pipeline(tmp_path):
     # rank != alpha: the loaded pipeline must also get the alpha/rank scaling from the saved metadata
     policy = build_policy(model_cfg(lora_rank=4, lora_alpha=2), device="cpu")
-    perturb_lora(policy)
+    perturb_lora(policy, scale=0.2)
     policy.save_lora(str(tmp_path))
     assert (tmp_path / "pytorch_lora_weights.safetensors").exists()
 
@@ -153,7 +144,7 @@ def test_save_lora_accepts_a_gathered_full_state_dict(tmp_path):
     from safetensors.torch import load_file
 
     policy = build_policy(model_cfg(), device="cpu")
-    perturb_lora(policy)
+    perturb_lora(policy, scale=0.2)
     policy.save_lora(str(tmp_path / "a"))
     policy.save_lora(str(tmp_path / "b"), state_dict=policy.transformer.state_dict())
     a = load_file(tmp_path / "a" / "pytorch_lora_weights.safetensors")
@@ -165,7 +156,7 @@ def test_save_lora_accepts_a_gathered_full_state_dict(tmp_path):
 
 def test_load_lora_resumes_and_lora_path_initialises(tmp_path):
     policy = build_policy(model_cfg(), device="cpu")
-    perturb_lora(policy)
+    perturb_lora(policy, scale=0.2)
     policy.save_lora(str(tmp_path))
     saved = policy.lora_state_dict()
 

@@ -6,14 +6,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from diffusers import TextToVideoSDPipeline
 
 from pisces_rl.config import BackpropConfig, GRPOConfig, load_config
 from pisces_rl.models import build_policy, build_tiny_text_to_video_sd_pipeline
 from pisces_rl.models.text_to_video_sd import TextToVideoSDFamily, enable_unet_lora
 from pisces_rl.rollout import rescore_log_prob, sample_rollout
 from pisces_rl.trainer import BackpropTrainer, GRPOTrainer
-from _models import assert_only_lora_moved, brightness, split_state
+from _models import brightness, train_moves_only_lora
 
 PROMPTS = ["a red circle moving left", "two blue squares"]
 FAMILY = "model.family=text_to_video_sd"
@@ -113,9 +112,7 @@ def test_grpo_step_changes_only_lora(tmp_path):
         "logging.report_to=none"])
     assert cfg.sampling.sde_type == "auto"
     trainer = GRPOTrainer(cfg, rewards={"bright": brightness})
-    before = split_state(trainer.policy.transformer)
-    metrics = trainer.train()
-    assert_only_lora_moved(before, trainer.policy.transformer)
+    metrics = train_moves_only_lora(trainer)
     assert "train/kl" in metrics or "train/loss" in metrics
 
 
@@ -126,9 +123,7 @@ def test_backprop_step_changes_only_lora(tmp_path):
         "train.train_batch_size=2", "train.teacher_steps=3",
         "train.learning_rate=5e-3", "train.dataset_size=2", "logging.report_to=none", "data.num_eval_prompts=1"])
     trainer = BackpropTrainer(cfg, rewards={"bright": brightness})
-    before = split_state(trainer.policy.transformer)
-    trainer.train()
-    assert_only_lora_moved(before, trainer.policy.transformer)
+    train_moves_only_lora(trainer)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
