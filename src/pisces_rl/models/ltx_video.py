@@ -49,14 +49,6 @@ def unpack_prompt(packed: torch.Tensor, text_dim: int) -> Tuple[torch.Tensor, to
     return unpack_mask_column(packed, text_dim, "LTX-Video")
 
 
-def _calculate_shift(seq_len: int, cfg: Any) -> float:
-    """``calculate_shift`` of ``pipeline_ltx.py`` (copied from Flux) with the scheduler config's constants."""
-    base_len, max_len = cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096)
-    base_shift, max_shift = cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15)
-    m = (max_shift - base_shift) / (max_len - base_len)
-    return seq_len * m + base_shift - m * base_len
-
-
 @register_family("ltx_video")
 class LTXVideoFamily:
     """:class:`~pisces_rl.models.family.ModelFamily` for ``LTXPipeline`` (LTX-Video T2V).
@@ -106,8 +98,12 @@ class LTXVideoFamily:
             raise ValueError(f"sampling.num_inference_steps must be a positive integer, got {num_steps!r}")
         mu = None
         if video_size is not None:
+            from diffusers.pipelines.ltx.pipeline_ltx import calculate_shift
+
             _, _, f, h, w = self.latent_shape(pipe, 1, *video_size)
-            mu = _calculate_shift(f * h * w, pipe.scheduler.config)
+            c = pipe.scheduler.config  # as LTXPipeline.__call__ step 5
+            mu = calculate_shift(f * h * w, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
+                                 c.get("base_shift", 0.5), c.get("max_shift", 1.15))
         elif pipe.scheduler.config.get("use_dynamic_shifting", False):
             raise ValueError("LTX-Video's schedule depends on the video size (dynamic shift): call "
                              "policy.flow_schedule(num_steps, video_size=(num_frames, height, width))")

@@ -114,10 +114,11 @@ def sample_rollout(policy: Any, prompts: Sequence[str], sampling_cfg: Any, gener
     cfg = sampling_cfg
     b, guidance, eta = len(prompts), float(cfg.guidance_scale), float(cfg.eta)
     do_cfg = guidance > 1.0
-    shape = policy.latent_shape(b, cfg.num_frames, cfg.height, cfg.width)
+    video_size = (cfg.num_frames, cfg.height, cfg.width)
+    shape = policy.latent_shape(b, *video_size)
     prompt_embeds, negative_embeds = policy.encode_prompts(
         prompts, getattr(cfg, "negative_prompt", "") or "", do_cfg, getattr(cfg, "max_sequence_length", 512))
-    timesteps, sigmas = policy.flow_schedule(cfg.num_inference_steps, (cfg.num_frames, cfg.height, cfg.width))
+    timesteps, sigmas = policy.flow_schedule(cfg.num_inference_steps, video_size)
     window = _window(cfg, len(timesteps))
     block = int(getattr(cfg, "noise_block", 1))
     sde_type = resolve_sde_type(getattr(cfg, "sde_type", "flow_grpo"), policy.family)  # "auto": the family's

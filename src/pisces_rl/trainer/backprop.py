@@ -126,7 +126,8 @@ class BackpropTrainer(TrainerBase):
                              "Use a ZeRO-2 / DDP launch config or train.cd_target=stopgrad")
         self.guidance = s.guidance_scale if t.guidance_scale is None else t.guidance_scale
         self.teacher_guidance = self.guidance if t.teacher_guidance_scale is None else t.teacher_guidance_scale
-        timesteps, self.sigmas = self.policy.flow_schedule(t.teacher_steps, (s.num_frames, s.height, s.width))              # [N], [N+1]
+        timesteps, self.sigmas = self.policy.flow_schedule(t.teacher_steps,                  # [N], [N+1]
+                                                           (s.num_frames, s.height, s.width))
         self.timesteps = torch.cat([timesteps, timesteps.new_zeros(1)])                  # [N+1], t(σ_min) = 0
         lo, hi = t.sigma_range
         self.levels = torch.nonzero((self.sigmas[:-1] >= lo) & (self.sigmas[:-1] <= hi)).flatten().cpu()

@@ -54,7 +54,8 @@ class GRPOTrainer(TrainerBase):
         self._setup_optimizer(self.batch["optimizer_steps_per_iteration"] * config.train.max_steps)
         s = config.sampling  # the exploration the SDE sampler will inject (rollout/sde.py, sde_std_table)
         sde_type = resolve_sde_type(s.sde_type, self.policy.family)   # "auto": the family's (sample_rollout too)
-        std, var = sde_std_table(self.policy.flow_schedule(s.num_inference_steps, (s.num_frames, s.height, s.width))[1], s.eta, sde_type, s.sde_window)
+        sigmas = self.policy.flow_schedule(s.num_inference_steps, (s.num_frames, s.height, s.width))[1]
+        std, var = sde_std_table(sigmas, s.eta, sde_type, s.sde_window)
         logger.info("SDE %s%s eta=%g: per-step std %s, total injected variance %.4g", sde_type,
                     " (sampling.sde_type=auto: the model family's)" if s.sde_type == "auto" else "", s.eta,
                     [round(x, 4) for x in std.tolist()], var)
